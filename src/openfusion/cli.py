@@ -1,0 +1,250 @@
+"""``openfusion`` on the command line: a thin layer over the library.
+
+Progress goes to stderr (a live table on a terminal, one line per event otherwise); the answer,
+or with ``--json`` the whole result, goes to stdout, so ``openfusion ask ... > answer.txt`` works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import click
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from openfusion.engine import (
+    AnswerDelta,
+    Done,
+    Fusion,
+    FusionEvent,
+    FusionResult,
+    MemberEvent,
+    StageEvent,
+)
+from openfusion.errors import ConfigError, OpenFusionError
+from openfusion.presets import Preset, list_presets, load_preset
+from openfusion.settings import Settings
+from openfusion.types import Usage
+
+STYLE = {"waiting": "dim", "running": "yellow", "done": "green", "failed": "red"}
+
+
+def _cost(cost: float | None) -> str:
+    return "?" if cost is None else f"${cost:.4f}"
+
+
+@dataclass
+class _Row:
+    name: str
+    state: str = "waiting"
+    started: float | None = None
+    elapsed: float | None = None
+    usage: Usage | None = None
+    reason: str | None = None
+
+    def seconds(self) -> str:
+        if self.elapsed is not None:
+            return f"{self.elapsed:.1f}s"
+        if self.started is not None:
+            return f"{time.monotonic() - self.started:.1f}s"
+        return ""
+
+
+@dataclass
+class LiveView:
+    """The state of a run as the terminal shows it; rebuilt on each refresh."""
+
+    rows: dict[str, _Row] = field(default_factory=dict)
+
+    def update(self, event: FusionEvent) -> _Row | None:
+        if isinstance(event, MemberEvent):
+            key, label = f"panel{event.index}", event.name
+        elif isinstance(event, StageEvent):
+            key, label = event.stage, f"judge · {event.stage}"
+        else:
+            return None
+        row = self.rows.setdefault(key, _Row(label))
+        row.state = event.state
+        if event.state == "running":
+            row.started = time.monotonic()
+        elif event.state in ("done", "failed"):
+            row.elapsed, row.usage, row.reason = event.elapsed, event.usage, event.reason
+        return row
+
+    def __rich__(self) -> RenderableType:
+        table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+        for column in ("", "state", "tokens", "cost", "time"):
+            table.add_column(column, justify="left" if column in ("", "state") else "right")
+        for row in self.rows.values():
+            state = row.state if row.reason is None else f"{row.state}: {row.reason}"
+            table.add_row(
+                escape(row.name),
+                f"[{STYLE[row.state]}]{escape(state)}[/]",
+                str(row.usage.completion_tokens) if row.usage else "",
+                _cost(row.usage.cost) if row.usage else "",
+                row.seconds(),
+            )
+        return Group(table)
+
+
+@click.group()
+@click.version_option(package_name="openfusion")
+def main() -> None:
+    """openfusion: ask a panel of models, let a judge fuse their answers."""
+
+
+@main.command()
+@click.argument("question")
+@click.option("--preset", "-p", help="Preset name or self:<model> (default: local without keys).")
+@click.option("--panel", help="Comma-separated panel model ids; overrides the preset's panel.")
+@click.option("--judge", help="Judge model id; overrides the preset's judge.")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="Panel sampling temperature.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result object as JSON.")
+@click.option("--show-analysis", is_flag=True, help="Print the judge's analysis after the answer.")
+def ask(
+    question: str,
+    preset: str | None,
+    panel: str | None,
+    judge: str | None,
+    temperature: float | None,
+    as_json: bool,
+    show_analysis: bool,
+) -> None:
+    """Answer QUESTION with a fusion ('-' reads it from stdin)."""
+    if question == "-":
+        question = sys.stdin.read()
+    if not question.strip():
+        raise click.UsageError("the question is empty")
+    try:
+        settings = Settings.load()
+        chosen = _preset(settings, preset, panel, judge)
+        result = asyncio.run(_ask(chosen, settings, question, temperature, stream=not as_json))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OpenFusionError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    err = Console(stderr=True, highlight=False)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    elif show_analysis:
+        err.print("\n[bold]analysis[/]")
+        err.print_json(data=result.analysis) if result.analysis else err.print("(none)")
+    _summary(err, result)
+    if result.status == "error":
+        sys.exit(1)
+
+
+def _preset(settings: Settings, name: str | None, panel: str | None, judge: str | None) -> Preset:
+    base = load_preset(name or settings.preset_name, settings) if name or not panel else None
+    if panel:
+        models = [m.strip() for m in panel.split(",") if m.strip()]
+        return Preset.from_models(models, judge or (base.judge if base else None))
+    assert base is not None
+    return dataclasses.replace(base, judge=judge or base.judge)
+
+
+async def _ask(
+    preset: Preset, settings: Settings, question: str, temperature: float | None, *, stream: bool
+) -> FusionResult:
+    err = Console(stderr=True, highlight=False)
+    view = LiveView()
+    err.print(f"[bold]{escape(preset.name)}[/] · {len(preset.panel)} panel · judge {preset.judge}")
+    result: FusionResult | None = None
+    async with Fusion(preset, settings=settings) as fusion:
+        events = fusion.stream(question, temperature=temperature)
+        with (
+            Live(view, console=err, refresh_per_second=8, transient=False)
+            if err.is_terminal
+            else _Quiet() as live
+        ):
+            async for event in events:
+                row = view.update(event)
+                if not err.is_terminal and row is not None and row.state in ("done", "failed"):
+                    reason = f" ({row.reason})" if row.reason else ""
+                    err.print(f"{row.name}: {row.state}{reason} {row.seconds()}")
+                if (
+                    isinstance(event, StageEvent)
+                    and event.stage == "synthesis"
+                    and event.state == "running"
+                ):
+                    live.stop()
+                if isinstance(event, AnswerDelta) and stream:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                if isinstance(event, Done):
+                    result = event.result
+    if stream and result is not None and result.content:
+        sys.stdout.write("\n")
+    assert result is not None
+    return result
+
+
+class _Quiet:
+    """Stands in for ``rich.live.Live`` when stderr is not a terminal."""
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+def _summary(err: Console, result: FusionResult) -> None:
+    answered = len(result.responses)
+    total = answered + len(result.failed_models)
+    parts = [
+        f"{answered}/{total} panel answered",
+        "analysis ok" if result.analysis else "no analysis",
+        f"{result.latency_ms / 1000:.1f}s",
+        f"{result.usage.total_tokens} tokens",
+        _cost(result.usage.cost),
+    ]
+    err.print(f"[dim]{' · '.join(parts)}[/]")
+    if result.failure_reason:
+        err.print(f"[red]{result.failure_reason}[/]: {escape(result.failure_message or '')}")
+    for failure in result.failed_models:
+        err.print(
+            f"[red]failed[/] {escape(failure.name)}: {failure.reason} {escape(failure.message)}"
+        )
+
+
+@main.command()
+def models() -> None:
+    """List presets and the providers they use."""
+    out = Console(highlight=False)
+    try:
+        settings = Settings.load()
+        presets = list_presets(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = Table(title="presets", title_justify="left")
+    for column in ("preset", "panel", "judge", "description"):
+        table.add_column(column)
+    default = settings.preset_name
+    for preset in presets:
+        name = f"{preset.name} (default)" if preset.name == default else preset.name
+        panel = "\n".join(slot.model for slot in preset.panel)
+        table.add_row(name, panel, preset.judge, preset.description)
+    table.add_row("self:<model>", "3 samples of <model>", "<model>", "N copies of one model, fused")
+    out.print(table)
+    providers = Table(title="providers", title_justify="left")
+    for column in ("provider", "type", "base url", "key"):
+        providers.add_column(column)
+    for name, config in sorted(settings.providers.items()):
+        if config.api_key_env:
+            is_set = "set" if settings.api_key(config.api_key_env) else "not set"
+            key = f"{config.api_key_env} {is_set}"
+        else:
+            key = "not needed"
+        providers.add_row(name, config.type, config.base_url or "in-process", key)
+    out.print(providers)

@@ -1,0 +1,132 @@
+"""What a fusion produces: per-member outcomes, the result object, and the progress events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from openfusion.types import Usage
+
+FailureReason = Literal[
+    "all_panels_failed",
+    "insufficient_credits",
+    "rate_limited",
+    "judge_not_valid_json",
+    "judge_schema_mismatch",
+    "judge_upstream_error",
+    "judge_empty_completion",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberResponse:
+    """A panel member that answered."""
+
+    model: str
+    name: str
+    """Unique within the panel: the model id, with ``#k`` when one model fills several slots."""
+    content: str
+    usage: Usage
+    latency_ms: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "name": self.name,
+            "content": self.content,
+            "usage": self.usage.to_dict(),
+            "cost": self.usage.cost,
+            "latency_ms": self.latency_ms,
+            "tool_calls": [],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MemberFailure:
+    """A panel member that did not answer, and why (the upstream's own message is kept)."""
+
+    model: str
+    name: str
+    reason: str
+    status: int | None
+    message: str
+    usage: Usage = field(default_factory=Usage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "name": self.name,
+            "reason": self.reason,
+            "status": self.status,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FusionResult:
+    status: Literal["ok", "error"]
+    content: str
+    """The final answer (empty when ``status`` is ``error``)."""
+    analysis: dict[str, Any] | None
+    responses: tuple[MemberResponse, ...]
+    failed_models: tuple[MemberFailure, ...]
+    failure_reason: FailureReason | None
+    failure_message: str | None
+    usage: Usage
+    cost_details: dict[str, float | None]
+    """Cost per stage: ``panel``, ``analysis``, ``synthesis`` (USD; ``None`` when unknown)."""
+    judge: str
+    latency_ms: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "content": self.content,
+            "analysis": self.analysis,
+            "responses": [r.to_dict() for r in self.responses],
+            "failed_models": [f.to_dict() for f in self.failed_models],
+            "failure_reason": self.failure_reason,
+            "failure_message": self.failure_message,
+            "judge": self.judge,
+            "latency_ms": self.latency_ms,
+            "usage": {**self.usage.to_dict(), "cost_details": self.cost_details},
+        }
+
+
+# --- progress events, in the order a run emits them -------------------------------------------
+
+MemberState = Literal["waiting", "running", "done", "failed"]
+StageName = Literal["analysis", "synthesis"]
+StageState = Literal["running", "done", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    index: int
+    name: str
+    state: MemberState
+    elapsed: float = 0.0
+    usage: Usage | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StageEvent:
+    stage: StageName
+    state: StageState
+    elapsed: float = 0.0
+    usage: Usage | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    result: FusionResult
+
+
+FusionEvent = MemberEvent | StageEvent | AnswerDelta | Done

@@ -1,0 +1,139 @@
+"""Presets: who sits on the panel, who judges, and with which limits and prompts.
+
+Shipped presets are the ``*.toml`` files beside this module; users add or shadow them in
+``<config dir>/presets/<name>.toml``. ``self:<model>`` is three samples of one model (different
+seeds and temperatures) judged by the same model. A preset file::
+
+    description = "..."
+    judge = "openrouter/deepseek/deepseek-v4-pro"
+    panel = [{ model = "openrouter/google/gemini-3-flash", temperature = 0.7, seed = 1 }, ...]
+
+    [limits]                      # optional, max tokens per stage
+    panel_max_tokens = 1024
+    analysis_max_tokens = 2048
+    synthesis_max_tokens = 2048
+
+    [prompts]                     # optional, template overrides, paths relative to this file
+    synthesis = "my_synthesis.j2"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from openfusion.errors import ConfigError
+from openfusion.settings import Settings, describe_validation_error
+
+MAX_PANEL = 8
+SELF_SAMPLES = ((0.7, 1), (0.9, 2), (1.1, 3))  # (temperature, seed) per sample of self:<model>
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    panel_max_tokens: int | None = Field(None, gt=0)
+    analysis_max_tokens: int | None = Field(None, gt=0)
+    synthesis_max_tokens: int | None = Field(None, gt=0)
+
+
+class _Slot(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    seed: int | None = None
+
+
+class _PresetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    judge: str
+    panel: list[_Slot] = Field(min_length=1, max_length=MAX_PANEL)
+    limits: Limits = Field(default_factory=Limits)
+    prompts: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PanelSlot:
+    model: str
+    temperature: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    panel: tuple[PanelSlot, ...]
+    judge: str
+    description: str = ""
+    limits: Limits = field(default_factory=Limits)
+    prompts: dict[str, Path] = field(default_factory=dict)
+    """Template overrides: template name → file."""
+
+    @classmethod
+    def from_models(cls, models: Sequence[str], judge: str | None = None) -> Preset:
+        """An ad-hoc preset: these panel models, judged by ``judge`` (default: the first one)."""
+        if not 1 <= len(models) <= MAX_PANEL:
+            raise ConfigError(f"a panel has 1 to {MAX_PANEL} models, got {len(models)}")
+        return cls(
+            name="custom",
+            panel=tuple(PanelSlot(m) for m in models),
+            judge=judge or models[0],
+        )
+
+
+def load_preset(name: str, settings: Settings) -> Preset:
+    if name.startswith("self:"):
+        model = name.removeprefix("self:")
+        if not model:
+            raise ConfigError("preset 'self:<model>' needs a model, e.g. self:local/gemma-3-270m")
+        panel = tuple(PanelSlot(model, t, s) for t, s in SELF_SAMPLES)
+        return Preset(name, panel, judge=model, description=f"{len(panel)} samples of {model}")
+    if not _NAME.match(name):
+        raise ConfigError(f"preset name {name!r} may only use letters, digits, '.', '_' and '-'")
+    user_file = settings.config_dir / "presets" / f"{name}.toml"
+    if user_file.exists():
+        return _parse(name, user_file.read_text(encoding="utf-8"), str(user_file), user_file.parent)
+    shipped = resources.files(__package__).joinpath(f"{name}.toml")
+    if shipped.is_file():
+        return _parse(name, shipped.read_text(encoding="utf-8"), f"preset {name!r}", None)
+    known = ", ".join(p.name for p in list_presets(settings))
+    raise ConfigError(f"unknown preset {name!r}; known presets: {known}, or self:<model>")
+
+
+def list_presets(settings: Settings) -> list[Preset]:
+    """Every named preset, shipped and user (a user file shadows a shipped one of that name)."""
+    shipped = resources.files(__package__).iterdir()
+    names = {p.name.removesuffix(".toml") for p in shipped if p.name.endswith(".toml")}
+    user_dir = settings.config_dir / "presets"
+    if user_dir.is_dir():
+        names |= {p.stem for p in user_dir.glob("*.toml")}
+    return [load_preset(n, settings) for n in sorted(names) if _NAME.match(n)]
+
+
+def _parse(name: str, text: str, where: str, base_dir: Path | None) -> Preset:
+    try:
+        data = _PresetFile.model_validate(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from exc
+    if data.prompts and base_dir is None:
+        raise ConfigError(f"{where}: shipped presets cannot override prompts")
+    return Preset(
+        name=name,
+        panel=tuple(PanelSlot(s.model, s.temperature, s.seed) for s in data.panel),
+        judge=data.judge,
+        description=data.description,
+        limits=data.limits,
+        prompts={k: (base_dir or Path()) / v for k, v in data.prompts.items()},
+    )

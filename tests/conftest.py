@@ -1,0 +1,60 @@
+"""Shared fixtures. Every test runs with an empty config dir and env, and with sockets
+limited to loopback: a connection anywhere else fails the test instead of leaving the machine."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openfusion.settings import Settings
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _check(address: Any) -> None:
+    if isinstance(address, tuple):
+        host = address[0]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback:
+            raise AssertionError(f"test tried to connect to non-loopback address {address!r}")
+
+
+def _connect(self: socket.socket, address: Any) -> None:
+    _check(address)
+    _real_connect(self, address)
+
+
+def _connect_ex(self: socket.socket, address: Any) -> int:
+    _check(address)
+    return _real_connect_ex(self, address)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(socket.socket, "connect", _connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _connect_ex)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No user config, no real keys: each test sees a fresh config dir."""
+    for var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY", "OPENFUSION_PRESET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENFUSION_CONFIG_DIR", str(tmp_path / "config"))
+    # The model cache is shared between tests (and runs): assembling Gemma takes seconds.
+    monkeypatch.setenv("OPENFUSION_CACHE_DIR", str(Path.home() / ".cache" / "openfusion-tests"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(config_dir=tmp_path / "config", cache_dir=tmp_path / "cache")

@@ -1,0 +1,164 @@
+"""A scriptable OpenAI-compatible upstream on 127.0.0.1, over real HTTP.
+
+    async with MockUpstream() as up:
+        up.replies["slow-model"] = Reply(delay=5)      # per model
+        up.queue.append(Reply(status=429, error={"message": "slow down"}))  # next request only
+        ... point a provider at up.base_url ...
+        up.requests[0].headers["Authorization"]
+
+A request takes the first queued ``Reply``, else the one for its model, else ``up.default``.
+``stream: true`` requests get server-sent events: the content in small chunks, a finish chunk,
+a usage chunk and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+
+@dataclass
+class Reply:
+    content: str = "Hello from the mock upstream."
+    finish_reason: str = "stop"
+    usage: dict[str, Any] | None = field(
+        default_factory=lambda: {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    )
+    """Sent as ``usage`` (``None``: no usage at all)."""
+    cost: float | None = None
+    """Added to usage as ``usage.cost`` (OpenRouter style) when set."""
+    reasoning_tokens: int | None = None
+    """Added as ``usage.completion_tokens_details.reasoning_tokens`` when set."""
+    status: int = 200
+    error: dict[str, Any] | None = None
+    """When set, the body is ``{"error": error}`` (with ``status``, which may be 200)."""
+    body: str | None = None
+    """A raw body sent as it is, instead of a completion."""
+    delay: float = 0.0
+    """Seconds to wait before answering."""
+    chunk_size: int = 4
+    chunk_delay: float = 0.0
+    comments: bool = False
+    """Stream: send ``: OPENROUTER PROCESSING`` comment lines between events."""
+    cut_after: int | None = None
+    """Stream: end the response after this many content chunks (no finish, no [DONE])."""
+    reset: bool = False
+    """Drop the connection: before any response, or after ``cut_after`` chunks when streaming."""
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    headers: dict[str, str]
+    json: Any
+
+
+class MockUpstream:
+    def __init__(self, default: Reply | None = None) -> None:
+        self.default = default or Reply()
+        self.replies: dict[str, Reply] = {}
+        self.queue: deque[Reply] = deque()
+        self.requests: list[RecordedRequest] = []
+        self.base_url = ""
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+
+    async def __aenter__(self) -> MockUpstream:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._runner.cleanup()
+
+    def usage_dict(self, reply: Reply) -> dict[str, Any] | None:
+        if reply.usage is None:
+            return None
+        usage = dict(reply.usage)
+        if reply.cost is not None:
+            usage["cost"] = reply.cost
+        if reply.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens}
+        return usage
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        self.requests.append(RecordedRequest(request.path, dict(request.headers), body))
+        model = body.get("model", "") if isinstance(body, dict) else ""
+        reply = self.queue.popleft() if self.queue else self.replies.get(model, self.default)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.reset and reply.cut_after is None:
+            _drop(request)
+        if reply.body is not None:
+            return web.Response(status=reply.status, text=reply.body)
+        if reply.error is not None:
+            return web.json_response({"error": reply.error}, status=reply.status)
+        if isinstance(body, dict) and body.get("stream"):
+            return await self._stream(request, reply, model)
+        data: dict[str, Any] = {
+            "id": "mock-1",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.content},
+                    "finish_reason": reply.finish_reason,
+                }
+            ],
+        }
+        if (usage := self.usage_dict(reply)) is not None:
+            data["usage"] = usage
+        return web.json_response(data, status=reply.status)
+
+    async def _stream(self, request: web.Request, reply: Reply, model: str) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=reply.status, headers={"Content-Type": "text/event-stream"}
+        )
+        await resp.prepare(request)
+
+        async def event(choice: dict[str, Any] | None, **extra: Any) -> None:
+            if reply.comments:
+                await resp.write(b": OPENROUTER PROCESSING\n\n")
+            data = {"id": "mock-1", "object": "chat.completion.chunk", "model": model, **extra}
+            data["choices"] = [] if choice is None else [{"index": 0, **choice}]
+            await resp.write(f"data: {json.dumps(data)}\n\n".encode())
+
+        await event({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        size = max(1, reply.chunk_size)
+        pieces = [reply.content[i : i + size] for i in range(0, len(reply.content), size)]
+        for n, piece in enumerate(pieces):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                if reply.reset:
+                    _drop(request)
+                await resp.write_eof()
+                return resp
+            await event({"delta": {"content": piece}, "finish_reason": None})
+            if reply.chunk_delay:
+                await asyncio.sleep(reply.chunk_delay)
+        await event({"delta": {}, "finish_reason": reply.finish_reason})
+        if (usage := self.usage_dict(reply)) is not None:
+            await event(None, usage=usage)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _drop(request: web.Request) -> NoReturn:
+    """Close the TCP connection without (completing) a response."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise asyncio.CancelledError
