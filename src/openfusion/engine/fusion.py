@@ -308,7 +308,9 @@ class Fusion:
             messages=(Message("user", prompt),),
             temperature=0.0,
             max_tokens=self.preset.limits.analysis_max_tokens,
-            json_schema=analysis_schema(labels),
+            json_schema=analysis_schema(
+                labels, self.preset.limits.analysis_items, self.preset.limits.analysis_chars
+            ),
             headers=self._inner_headers,
         )
         usage = Usage()

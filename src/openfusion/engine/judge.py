@@ -17,10 +17,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from openfusion.engine.result import MemberResponse
 
-# Bounds keep a small model's constrained decoding short; big models are not hurt by them.
-MAX_ITEMS = 3
-MAX_TEXT = 200
-
 
 @dataclass(frozen=True, slots=True)
 class LabelledResponse:
@@ -39,13 +35,19 @@ def anonymise(responses: Sequence[MemberResponse], rng: random.Random) -> list[L
     ]
 
 
-def analysis_schema(labels: Sequence[str]) -> dict[str, Any]:
-    """The JSON schema of the analysis, with model fields limited to the response labels."""
-    text = {"type": "string", "maxLength": MAX_TEXT}
+def analysis_schema(
+    labels: Sequence[str], max_items: int = 5, max_chars: int = 300
+) -> dict[str, Any]:
+    """The JSON schema of the analysis, with model fields limited to the response labels.
+
+    The bounds keep constrained decoding from running on (a small model repeats itself inside
+    an unbounded string until it runs out of tokens, and the JSON is cut).
+    """
+    text = {"type": "string", "maxLength": max_chars}
     label = {"type": "string", "enum": list(labels)}
 
     def items(schema: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "array", "items": schema, "maxItems": MAX_ITEMS}
+        return {"type": "array", "items": schema, "maxItems": max_items}
 
     def obj(**props: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -8,10 +8,12 @@ seeds and temperatures) judged by the same model. A preset file::
     judge = "openrouter/deepseek/deepseek-v4-pro"
     panel = [{ model = "openrouter/google/gemini-3-flash", temperature = 0.7, seed = 1 }, ...]
 
-    [limits]                      # optional, max tokens per stage
+    [limits]                      # optional, max tokens per stage; analysis size bounds
     panel_max_tokens = 1024
     analysis_max_tokens = 2048
     synthesis_max_tokens = 2048
+    analysis_items = 5            # entries per list in the analysis
+    analysis_chars = 300          # characters per text in the analysis
 
     [prompts]                     # optional, template overrides, paths relative to this file
     synthesis = "my_synthesis.j2"
@@ -42,6 +44,10 @@ class Limits(BaseModel):
     panel_max_tokens: int | None = Field(None, gt=0)
     analysis_max_tokens: int | None = Field(None, gt=0)
     synthesis_max_tokens: int | None = Field(None, gt=0)
+    analysis_items: int = Field(5, gt=0, le=20)
+    """At most this many entries in each list of the judge's analysis."""
+    analysis_chars: int = Field(300, gt=0)
+    """At most this many characters in each text of the judge's analysis."""
 
 
 class _Slot(BaseModel):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -160,17 +161,19 @@ class LocalProvider:
             kwargs["grammar"] = self._grammar(request.json_schema)
         else:
             kwargs["stop"] = [*STOP, *request.stop]
-        completion_tokens = 0
+        text: list[str] = []
         finish: str | None = "stop"
         for part in llm.create_completion(prompt, **kwargs):
             if stop.is_set():
                 finish = "cancelled"
                 break
             choice = part["choices"][0]
-            completion_tokens += 1
             if choice["text"]:
+                text.append(choice["text"])
                 put(Chunk(delta=choice["text"]))
             finish = choice.get("finish_reason") or finish
+        generated = "".join(text).encode("utf-8")
+        completion_tokens = len(llm.tokenize(generated, add_bos=False)) if generated else 0
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=0.0)
         put(Chunk(usage=usage, finish_reason=finish))
 
@@ -180,6 +183,7 @@ class LocalProvider:
                 from llama_cpp import Llama
             except ImportError as exc:
                 raise ConfigError(_EXTRA_HINT) from exc
+            _route_llama_logs()
             path = self._models[model]()
             self._loaded[model] = Llama(
                 model_path=str(path),
@@ -192,7 +196,7 @@ class LocalProvider:
     def _grammar(self, schema: dict[str, Any]) -> Any:
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            from llama_cpp import LlamaGrammar
+            from llama_cpp.llama_grammar import LlamaGrammar
 
             self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
         return self._grammars[key]
@@ -205,6 +209,27 @@ class LocalProvider:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unload)
         self._executor.shutdown(wait=False)
+
+
+@functools.cache  # once per process; the cache also keeps the callback alive for ctypes
+def _route_llama_logs() -> Any:
+    """Send llama.cpp's own log lines to the ``openfusion.llama`` logger instead of stderr.
+
+    ``verbose=False`` still lets some through, which would break the CLI's live view.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        _llama_log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    return callback
+
+
+_llama_log = logging.getLogger("openfusion.llama")
 
 
 def create(name: str, config: ProviderConfig, settings: Settings) -> LocalProvider:

@@ -1,0 +1,121 @@
+"""The embedded model end to end: real llama.cpp on Gemma 3 270M, a few tokens at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from openfusion import CompletionRequest, Message, Settings, UpstreamError, load_preset
+from openfusion.cli import main
+from openfusion.engine.judge import Analysis, analysis_schema
+from openfusion.providers.local import LocalProvider, create
+from openfusion.settings import ProviderConfig
+
+pytest.importorskip("llama_cpp", reason="the [local] extra (llama-cpp-python) is not installed")
+pytestmark = pytest.mark.local_model
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[LocalProvider]:
+    cache = Path.home() / ".cache" / "openfusion-tests"
+    settings = Settings(config_dir=cache / "no-config", cache_dir=cache)
+    provider = create("local", ProviderConfig(type="local"), settings)
+    yield provider
+    asyncio.run(provider.aclose())
+
+
+def ask(question: str, **kwargs: object) -> CompletionRequest:
+    return CompletionRequest(
+        model="gemma-3-270m",
+        messages=(Message("user", question),),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def test_short_answer_in_few_tokens(local: LocalProvider) -> None:
+    completion = await local.complete(
+        ask("What is the capital of Italy?", max_tokens=16, temperature=0.0)
+    )
+    assert completion.content
+    assert "Question:" not in completion.content
+    assert "Rome" in completion.content
+    assert 0 < completion.usage.completion_tokens <= 16
+    assert completion.usage.prompt_tokens > 20  # the few-shot prompt came along
+    assert completion.usage.cost == 0.0
+
+
+async def test_json_schema_output_always_parses(local: LocalProvider) -> None:
+    labels = ["Response A", "Response B"]
+    limits = load_preset("local", Settings(Path(), Path())).limits
+    completion = await local.complete(
+        ask(
+            "Compare the responses to 'What is the capital of France?'. "
+            "Response A: Paris. Response B: Lyon, since 1990.",
+            max_tokens=limits.analysis_max_tokens,
+            temperature=0.0,
+            json_schema=analysis_schema(labels, limits.analysis_items, limits.analysis_chars),
+        )
+    )
+    analysis = Analysis.model_validate(json.loads(completion.content))
+    for insight in analysis.unique_insights:
+        assert insight.model in labels
+
+
+async def test_generation_does_not_block_the_event_loop(local: LocalProvider) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await local.complete(ask("Name three colours.", max_tokens=24, temperature=0.0))
+    task.cancel()
+    # A blocked loop would tick about once; a free one ticks every 10 ms of generation.
+    assert ticks >= 10
+
+
+async def test_closing_a_stream_stops_generation(local: LocalProvider) -> None:
+    stream = local.stream(ask("Count from one to one hundred.", max_tokens=200, temperature=0.0))
+    received = [await anext(stream) for _ in range(2)]
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert all(chunk.delta for chunk in received)
+    # The single worker is free again: a new call answers rather than waiting out 200 tokens.
+    completion = await local.complete(ask("What is 2 + 2?", max_tokens=8, temperature=0.0))
+    assert completion.usage.completion_tokens <= 8
+
+
+async def test_unknown_model_and_oversized_prompt(local: LocalProvider) -> None:
+    with pytest.raises(UpstreamError, match="not configured") as info:
+        await local.complete(CompletionRequest("nope", (Message("user", "hi"),)))
+    assert info.value.status == 404
+    with pytest.raises(UpstreamError, match="exceeds the local context"):
+        await local.complete(ask("word " * 5000, max_tokens=8))
+
+
+def test_ask_on_the_local_preset_end_to_end() -> None:
+    """README command 1's ``ask``, through the CLI, on the default (local) preset."""
+    assert "OPENROUTER_API_KEY" not in os.environ
+    result = CliRunner().invoke(main, ["ask", "--json", "Who wrote Pride and Prejudice?"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "ok"
+    assert len(data["responses"]) == 3
+    assert set(data["analysis"]) == {
+        "consensus",
+        "contradictions",
+        "partial_coverage",
+        "unique_insights",
+        "blind_spots",
+    }
+    assert data["content"].strip()
+    assert data["usage"]["total_tokens"] > 0
+    assert data["usage"]["cost"] == 0.0
