@@ -355,3 +355,12 @@ async def test_closing_the_stream_cancels_running_calls(settings: Settings) -> N
     assert hanging.started == 2
     assert hanging.cancelled == 2
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_without_synthesis_stops_after_the_analysis(settings: Settings) -> None:
+    fusion, provider = fusion_for(settings, {**panel_script(), "judge": judge_steps()})
+    result = await fusion.run("q", synthesise=False)
+    assert result.analysis is not None
+    assert result.content == ""
+    assert len(provider.calls) == 4  # three members and one analysis, no synthesis call
+    assert set(result.cost_details) == {"panel", "analysis"}

@@ -13,9 +13,30 @@ Role = Literal["system", "user", "assistant", "tool"]
 
 
 @dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function a model may call: name, description and a JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str
+    """The arguments as the model wrote them: JSON text, not yet parsed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    """On an assistant message: the calls it made."""
+    tool_call_id: str | None = None
+    """On a tool message: the call it answers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +89,9 @@ class CompletionRequest:
     """When set, the answer must be JSON matching this schema (constrained where the model can)."""
     headers: dict[str, str] = field(default_factory=dict)
     """Extra headers for HTTP providers (the fusion depth header rides here)."""
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str | None = None
+    """``auto``, ``required`` or ``none``; ``None`` leaves it to the provider."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +100,7 @@ class Completion:
     usage: Usage
     model: str
     finish_reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

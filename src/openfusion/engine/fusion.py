@@ -119,20 +119,30 @@ class Fusion:
             await self.registry.aclose()
 
     async def run(
-        self, prompt: str | Sequence[Message], *, temperature: float | None = None
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        temperature: float | None = None,
+        synthesise: bool = True,
     ) -> FusionResult:
-        """Run a whole fusion and return its result."""
-        async for event in self.stream(prompt, temperature=temperature):
+        """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
+        async for event in self.stream(prompt, temperature=temperature, synthesise=synthesise):
             if isinstance(event, Done):
                 return event.result
         raise RuntimeError("fusion ended without a result")  # pragma: no cover - a bug if reached
 
     async def stream(
-        self, prompt: str | Sequence[Message], *, temperature: float | None = None
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        temperature: float | None = None,
+        synthesise: bool = True,
     ) -> AsyncIterator[FusionEvent]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
-        Closing the iterator early cancels every call still running.
+        ``temperature`` overrides the panel's; ``synthesise=False`` stops after the analysis
+        (for a caller model that writes the answer itself). Closing the iterator early cancels
+        every call still running.
         """
         messages = _as_messages(prompt)
         try:
@@ -140,7 +150,14 @@ class Fusion:
             judge, judge_model = self.registry.resolve(self.preset.judge)
             queue: asyncio.Queue[FusionEvent | None] = asyncio.Queue()
             task = asyncio.create_task(
-                self._run(messages, members, judge, judge_model, temperature, queue.put_nowait)
+                self._run(
+                    messages,
+                    members,
+                    (judge, judge_model),
+                    temperature,
+                    synthesise,
+                    queue.put_nowait,
+                )
             )
             task.add_done_callback(lambda _: queue.put_nowait(None))
             try:
@@ -175,11 +192,12 @@ class Fusion:
         self,
         messages: tuple[Message, ...],
         members: list[_Member],
-        judge: Provider,
-        judge_model: str,
+        judge_ref: tuple[Provider, str],
         temperature: float | None,
+        synthesise: bool,
         emit: Emit,
     ) -> None:
+        judge, judge_model = judge_ref
         started = time.monotonic()
         question = next(m.content for m in reversed(messages) if m.role == "user")
 
@@ -233,6 +251,9 @@ class Fusion:
             return
         labelled = anonymise(responses, self._rng)
         analysis, analysed = await self._analyse(judge, judge_model, question, labelled, emit)
+        if not synthesise:
+            finish("ok", "", analysis, [analysed])
+            return
         content, synthesised = await self._synthesise(
             judge, judge_model, question, labelled, analysis, responses[0].content, emit
         )

@@ -24,7 +24,7 @@ from openfusion.errors import (
     UpstreamTimeout,
 )
 from openfusion.settings import ProviderConfig, Settings, Timeouts
-from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+from openfusion.types import Chunk, Completion, CompletionRequest, Message, ToolCall, Usage
 
 MAX_ERROR_TEXT = 500
 
@@ -144,8 +144,22 @@ class OpenAICompatProvider:
     def _body(self, request: CompletionRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [_wire_message(m) for m in request.messages],
         }
+        if request.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in request.tools
+            ]
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -225,6 +239,7 @@ class OpenAICompatProvider:
             usage=_parse_usage(usage) if isinstance(usage, dict) else Usage(cost=None),
             model=model,
             finish_reason=_str_or_none(choice.get("finish_reason")),
+            tool_calls=_tool_calls(message.get("tool_calls")),
         )
 
     @contextmanager
@@ -246,6 +261,35 @@ class OpenAICompatProvider:
             ) from exc
         except aiohttp.ClientError as exc:
             raise ProviderError(f"{label}: HTTP client error: {exc or type(exc).__name__}") from exc
+
+
+def _wire_message(message: Message) -> dict[str, Any]:
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        wire["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        wire["tool_call_id"] = message.tool_call_id
+    return wire
+
+
+def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
+    """``message.tool_calls`` of a completion; malformed entries are dropped, not guessed at."""
+    calls: list[ToolCall] = []
+    for item in raw if isinstance(raw, list) else []:
+        function = item.get("function") if isinstance(item, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            arguments = function.get("arguments")
+            calls.append(
+                ToolCall(
+                    id=str(item.get("id") or f"call_{len(calls)}"),
+                    name=function["name"],
+                    arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+                )
+            )
+    return tuple(calls)
 
 
 def _parse_usage(usage: dict[str, Any]) -> Usage:

@@ -12,6 +12,7 @@ it. From a config file::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from openfusion.errors import ConfigError, UpstreamError
 from openfusion.providers.base import collect
 from openfusion.settings import ProviderConfig, Settings
-from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,8 @@ class Step:
     error: str = "scripted failure"
     cost: float | None = 0.0
     reasoning_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls the model makes (``complete`` only), e.g. ``ToolCall("c1", "fusion", "{}")``."""
 
 
 StepSource = Step | Sequence[Step] | Callable[[CompletionRequest], Step]
@@ -65,10 +68,18 @@ class ScriptedProvider:
         return source[min(index, len(source) - 1)]
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        return await collect(self.stream(request), request.model)
+        steps: list[Step] = []
+        completion = await collect(self._play(request, steps.append), request.model)
+        return dataclasses.replace(completion, tool_calls=steps[0].tool_calls)
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        return self._play(request, lambda step: None)
+
+    async def _play(
+        self, request: CompletionRequest, played: Callable[[Step], None]
+    ) -> AsyncIterator[Chunk]:
         step = self._next_step(request)
+        played(step)
         await asyncio.sleep(step.delay)
         if step.status is not None:
             raise UpstreamError(step.error, status=step.status)
@@ -90,10 +101,15 @@ class ScriptedProvider:
         return None
 
 
+def _step(item: dict[str, Any]) -> Step:
+    calls = tuple(ToolCall(**call) for call in item.pop("tool_calls", []))
+    return Step(**item, tool_calls=calls)
+
+
 def _steps(value: Any) -> StepSource:
     if isinstance(value, list):
-        return [Step(**item) for item in value]
-    return Step(**value)
+        return [_step(item) for item in value]
+    return _step(value)
 
 
 def create(name: str, config: ProviderConfig, settings: Settings) -> ScriptedProvider:
