@@ -30,6 +30,7 @@ from openfusion.engine import (
 )
 from openfusion.errors import ConfigError, OpenFusionError
 from openfusion.presets import Preset, list_presets, load_preset
+from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
 from openfusion.types import Usage
 
@@ -248,3 +249,107 @@ def models() -> None:
             key = "not needed"
         providers.add_row(name, config.type, config.base_url or "in-process", key)
     out.print(providers)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Serve a non-loopback address without API keys (anyone who can reach it spends).",
+)
+def serve(host: str, port: int, workers: int, insecure_no_auth: bool) -> None:
+    """Serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, ...)."""
+    import uvicorn
+
+    from openfusion.server.auth import check_bind, insecure_warning, is_loopback
+
+    try:
+        settings = Settings.load()
+        has_keys = KeyStore.for_settings(settings).has_active_keys()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    refusal = check_bind(host, has_keys, insecure_no_auth)
+    if refusal:
+        raise click.ClickException(refusal)
+    err = Console(stderr=True, highlight=False)
+    if insecure_no_auth and not has_keys and not is_loopback(host):
+        err.print(f"[bold red]{escape(insecure_warning(host))}[/]")
+    auth = "API keys required" if has_keys else "no API keys"
+    err.print(
+        f"openfusion on http://{host}:{port}/v1 · {auth} · default preset {settings.preset_name}"
+    )
+    uvicorn.run(
+        "openfusion.server.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level="info",
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Manage the API keys that clients of `openfusion serve` send as Bearer tokens."""
+
+
+def _key_store() -> KeyStore:
+    try:
+        return KeyStore.for_settings(Settings.load())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@keys.command("create")
+@click.argument("name")
+def keys_create(name: str) -> None:
+    """Create a key called NAME and print it (only the key goes to stdout)."""
+    store = _key_store()
+    try:
+        record, key = store.create(name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(key)
+    click.echo(
+        f"created key {record.id} ({record.name}). Copy it now: it cannot be shown again "
+        f"(only its hash is kept in {store.path}). Clients send `Authorization: Bearer <key>`.",
+        err=True,
+    )
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List the keys: id, name, created, revoked (never the key or its hash)."""
+    store = _key_store()
+    try:
+        records = store.list()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not records:
+        click.echo("no API keys yet: create one with `openfusion keys create NAME`", err=True)
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("id", "name", "created", "revoked"):
+        table.add_column(column)
+    for record in records:
+        table.add_row(
+            record.id, escape(record.name), record.created, "yes" if record.revoked else ""
+        )
+    Console(highlight=False).print(table)
+
+
+@keys.command("revoke")
+@click.argument("id_or_name")
+def keys_revoke(id_or_name: str) -> None:
+    """Revoke a key by its id or name; a running server refuses it from the next request on."""
+    store = _key_store()
+    try:
+        record = store.revoke(id_or_name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"revoked key {record.id} ({record.name})")

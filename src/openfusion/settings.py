@@ -17,6 +17,11 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     connect = 10.0
     read = 120.0
     total = 600.0
+
+    [server]
+    max_depth = 1                      # fusion depth at which requests get one plain call
+    keepalive_seconds = 3.0
+    max_body_bytes = 1000000
 """
 
 from __future__ import annotations
@@ -59,6 +64,16 @@ class Timeouts(BaseModel):
     total: float = Field(600.0, gt=0)
 
 
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_depth: int = Field(1, ge=0)
+    """A fusion request arriving at this depth is answered by one call to its judge."""
+    keepalive_seconds: float = Field(3.0, gt=0)
+    """Interval of ``: OPENFUSION PROCESSING`` comment lines while a stream has nothing to say."""
+    max_body_bytes: int = Field(1_000_000, gt=0)
+
+
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +81,7 @@ class ConfigFile(BaseModel):
     prompts_dir: Path | None = None
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
 
 BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
@@ -91,6 +107,7 @@ class Settings:
     default_preset: str | None = None
     prompts_dir: Path | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    server: ServerSettings = field(default_factory=ServerSettings)
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
 
@@ -107,6 +124,7 @@ class Settings:
             default_preset=env.get(ENV_PRESET) or config.default_preset,
             prompts_dir=config.prompts_dir,
             timeouts=config.timeouts,
+            server=config.server,
             env=env,
         )
 

@@ -66,11 +66,12 @@ class Usage:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """OpenAI's shape, plus OpenRouter's ``cost``."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "reasoning_tokens": self.reasoning_tokens,
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
             "cost": self.cost,
         }
 

@@ -173,6 +173,12 @@ class Fusion:
             if not self._entered:
                 await self.aclose()
 
+    def check(self) -> None:
+        """Resolve every model id of the preset now: raises ``ConfigError`` (unknown provider,
+        missing API key, malformed id) before anything is spent."""
+        self._resolve_panel()
+        self.registry.resolve(self.preset.judge)
+
     def _resolve_panel(self) -> list[_Member]:
         counts = Counter(slot.model for slot in self.preset.panel)
         seen: Counter[str] = Counter()

@@ -7,6 +7,10 @@ it. From a config file::
     [providers.demo]
     type = "scripted"
     options.script = "/path/script.json"   # {"model-a": {"content": "...", "delay": 0.5}, ...}
+
+In a script file a model maps to a step, a list of steps, or ``{"json": step, "text": step}``:
+the first for requests that ask for JSON (a judge's analysis), the second for the others, so
+one scripted judge serves any number of fusions.
 """
 
 from __future__ import annotations
@@ -109,6 +113,9 @@ def _step(item: dict[str, Any]) -> Step:
 def _steps(value: Any) -> StepSource:
     if isinstance(value, list):
         return [_step(item) for item in value]
+    if set(value) == {"json", "text"}:
+        json_step, text_step = _step(value["json"]), _step(value["text"])
+        return lambda request: json_step if request.json_schema is not None else text_step
     return _step(value)
 
 

@@ -1,0 +1,337 @@
+"""The ASGI app: OpenAI/OpenRouter-compatible routes over the fusion engine.
+
+Starlette for routing only (no per-request pydantic beyond the one body validation, no
+per-chunk serialisation objects), served by uvicorn with uvloop and httptools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from openfusion.engine import DEPTH_HEADER
+from openfusion.errors import ConfigError
+from openfusion.presets import list_presets
+from openfusion.providers import ProviderRegistry
+from openfusion.server.auth import BearerAuth, KeyStore
+from openfusion.server.completions import (
+    FUSION_ALIAS,
+    FUSION_PREFIX,
+    Completions,
+    Final,
+    Output,
+    Progress,
+    Text,
+)
+from openfusion.server.errors import APIError, from_validation
+from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
+from openfusion.settings import Settings
+
+log = logging.getLogger("openfusion.server")
+
+DEPTH_HEADERS = (DEPTH_HEADER, "x-openfusion-depth")
+MAX_GENERATIONS = 10_000
+SUPPORTED_PARAMETERS = ["temperature", "max_tokens", "seed", "stop", "tools", "tool_choice"]
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(data), status, headers, media_type="application/json")
+
+
+def error_response(error: APIError) -> Response:
+    return Response(error.encode(), error.status, media_type="application/json")
+
+
+class Generations:
+    """The cost breakdown of recent generations, for ``GET /v1/generation`` (bounded, LRU)."""
+
+    def __init__(self, limit: int = MAX_GENERATIONS) -> None:
+        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._limit = limit
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._records[record["id"]] = record
+        while len(self._records) > self._limit:
+            self._records.popitem(last=False)
+
+    def get(self, generation_id: str) -> dict[str, Any] | None:
+        return self._records.get(generation_id)
+
+
+class Server:
+    def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.completions = Completions(settings, registry)
+        self.generations = Generations()
+
+    async def chat(self, request: Request) -> Response:
+        body = self._parse(await self._read_body(request))
+        depth = _depth(request)
+        outputs = self.completions.plan(body, depth)
+        generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
+        created = int(time.time())
+        headers = {"X-Generation-Id": generation_id}
+        if body.stream:
+            encoder = ChunkEncoder(generation_id, body.model, created)
+            stream = self._sse(outputs, encoder, generation_id, body.model)
+            headers["Cache-Control"] = "no-cache"
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        texts, final = await _until_disconnect(request, _collect(outputs))
+        self._record(generation_id, body.model, final, streamed=False)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+        if final.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in final.tool_calls
+            ]
+        data = {
+            "id": generation_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": final.finish_reason}],
+            "usage": _usage(final),
+        }
+        if final.fusion is not None:
+            data["fusion"] = final.fusion
+        return json_response(data, headers=headers)
+
+    async def _sse(
+        self, outputs: AsyncIterator[Output], encoder: ChunkEncoder, generation_id: str, model: str
+    ) -> AsyncIterator[bytes]:
+        yield encoder.role()
+        try:
+            async for item in with_keepalive(outputs, self.settings.server.keepalive_seconds):
+                if item is None:
+                    yield KEEPALIVE
+                elif isinstance(item, Text):
+                    yield encoder.text(item.delta)
+                elif isinstance(item, Progress):
+                    yield progress(item.event)
+                else:
+                    self._record(generation_id, model, item, streamed=True)
+                    extra = {"fusion": item.fusion} if item.fusion is not None else {}
+                    yield encoder.final(item.finish_reason, _usage(item), extra)
+        except APIError as exc:
+            yield encoder.error(exc)
+        except Exception:  # the status line is gone: the error has to travel as an event
+            log.exception("stream %s failed", generation_id)
+            yield encoder.error(APIError(500, "internal error; see the server log"))
+        yield DONE
+
+    def _record(self, generation_id: str, model: str, final: Final, *, streamed: bool) -> None:
+        self.generations.add(
+            {
+                "id": generation_id,
+                "model": model,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "streamed": streamed,
+                "tokens_prompt": final.usage.prompt_tokens,
+                "tokens_completion": final.usage.completion_tokens,
+                "total_cost": final.usage.cost,
+                "cost_details": final.cost_details,
+                "responses": final.responses,
+                "fusion_status": final.fusion.get("status") if final.fusion else None,
+            }
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.server.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(400, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        body = bytearray()
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise APIError(400, f"request body exceeds the {limit}-byte limit")
+        except ClientDisconnect as exc:
+            raise APIError(400, "the client went away while sending the body") from exc
+        return bytes(body)
+
+    @staticmethod
+    def _parse(raw: bytes) -> Any:
+        from openfusion.server.schema import ChatCompletionRequest
+
+        if not raw.strip():
+            raise APIError(400, "empty request body: send a JSON chat completion request")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:
+            return ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            raise from_validation(exc) from exc
+
+    async def models(self, request: Request) -> Response:
+        try:
+            presets = list_presets(self.settings)
+        except ConfigError as exc:
+            raise APIError(500, f"server configuration: {exc}") from exc
+        entries = [_fusion_entry(FUSION_ALIAS, "Fusion (default preset)")]
+        entries += [_fusion_entry(f"{FUSION_PREFIX}{p.name}", p.description) for p in presets]
+        seen = sorted({m for p in presets for m in (p.judge, *(s.model for s in p.panel))})
+        entries += [_model_entry(model_id) for model_id in seen]
+        return json_response({"object": "list", "data": entries})
+
+    async def generation(self, request: Request) -> Response:
+        generation_id = request.query_params.get("id", "")
+        if not generation_id:
+            raise APIError(400, "id: the query parameter is required, e.g. ?id=gen-...")
+        record = self.generations.get(generation_id)
+        if record is None:
+            raise APIError(404, f"generation {generation_id!r} not found (or expired)")
+        return json_response({"data": record})
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+
+def _fusion_entry(model_id: str, description: str) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "name": model_id,
+        "description": description,
+        "context_length": None,
+        "pricing": {"prompt": "-1", "completion": "-1", "request": "0"},
+        "supported_parameters": ["temperature", "plugins", "tools"],
+    }
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
+    free = model_id.startswith("local/")
+    price = "0" if free else "-1"  # -1: not known here (the price catalog comes later)
+    return {
+        "id": model_id,
+        "name": model_id,
+        "context_length": None,
+        "pricing": {"prompt": price, "completion": price, "request": "0"},
+        "supported_parameters": SUPPORTED_PARAMETERS,
+    }
+
+
+def _usage(final: Final) -> dict[str, Any]:
+    usage = final.usage.to_dict()
+    usage["cost_details"] = final.cost_details
+    return usage
+
+
+def _depth(request: Request) -> int:
+    for header in DEPTH_HEADERS:
+        value = request.headers.get(header)
+        if value is not None:
+            if not value.strip().isdigit():
+                raise APIError(400, f"header {header}: must be a non-negative integer")
+            return int(value)
+    return 0
+
+
+async def _collect(outputs: AsyncIterator[Output]) -> tuple[list[str], Final]:
+    texts: list[str] = []
+    final: Final | None = None
+    async for item in outputs:
+        if isinstance(item, Text):
+            texts.append(item.delta)
+        elif isinstance(item, Final):
+            final = item
+    assert final is not None
+    return texts, final
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it if the client disconnects first (no orphan upstream calls)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if not task.done() or task.cancelled():
+        raise APIError(499, "client closed the request")
+    return task.result()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    registry: ProviderRegistry | None = None,
+    key_store: KeyStore | None = None,
+) -> ASGIApp:
+    """The app; API keys come from ``key_store`` (default: the config dir's key file)."""
+    settings = settings or Settings.load()
+    registry = registry or ProviderRegistry(settings)
+    key_store = key_store or KeyStore.for_settings(settings)
+    server = Server(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await registry.aclose()
+
+    def handle(
+        endpoint: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except APIError as exc:
+                return error_response(exc)
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return error_response(APIError(500, "internal error; see the server log"))
+
+        return wrapped
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(APIError(exc.status_code, message))
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", handle(server.chat), methods=["POST"]),
+            Route("/v1/models", handle(server.models), methods=["GET"]),
+            Route("/v1/generation", handle(server.generation), methods=["GET"]),
+            Route("/health", handle(server.health), methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    return BearerAuth(app, key_store)
+
+
+def app_from_env() -> ASGIApp:
+    """The factory ``openfusion serve`` hands to uvicorn (each worker process builds its own)."""
+    return create_app()

@@ -1,0 +1,365 @@
+"""``POST /v1/chat/completions``: choose what the request asks for, and run it.
+
+Four ways a request is answered, each an async iterator of ``Output``s so that JSON and SSE
+responses are two renderings of one run:
+
+- fusion model (``openfusion/<preset>``, alias ``openrouter/fusion``): panel → analysis → answer;
+- caller tier (``plugins: [{"id": "fusion"}]`` or ``tools: [{"type": "openrouter:fusion"}]``):
+  the request's model is offered a ``fusion`` tool, gets the analysis and panel answers as the
+  tool result, and writes the answer;
+- at the maximum fusion depth, a fusion request is one plain call to its judge (loop guard);
+- anything else: a plain call, with ``models`` as fallbacks.
+
+Everything that can be checked is checked in ``plan`` (unknown model, preset, missing key), so a
+bad request is a 400 even when it asked for a stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from openfusion.engine import (
+    DEPTH_HEADER,
+    AnswerDelta,
+    Done,
+    Fusion,
+    FusionResult,
+    MemberEvent,
+    StageEvent,
+)
+from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
+from openfusion.presets import Preset, load_preset
+from openfusion.providers import ProviderRegistry
+from openfusion.server.errors import APIError, from_provider
+from openfusion.server.schema import ChatCompletionRequest, FusionParams
+from openfusion.settings import Settings
+from openfusion.types import CompletionRequest, Message, ToolCall, ToolSpec, Usage
+
+FUSION_ALIAS = "openrouter/fusion"
+FUSION_PREFIX = "openfusion/"
+FUSION_TOOL = ToolSpec(
+    name="fusion",
+    description=(
+        "Ask a panel of independent models the question and get back a judge's analysis of "
+        "their answers (consensus, contradictions, partial coverage, unique insights, blind "
+        "spots) and the answers themselves. Use it for questions that deserve deliberation."
+    ),
+    parameters={
+        "type": "object",
+        "properties": {"prompt": {"type": "string", "description": "The question to deliberate."}},
+        "required": ["prompt"],
+    },
+)
+PANEL_FAILURE_STATUS = {"rate_limited": 429, "insufficient_credits": 402}
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    event: MemberEvent | StageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The end of a run; the answer itself is the run's ``Text`` deltas joined."""
+
+    usage: Usage
+    cost_details: dict[str, float | None]
+    fusion: dict[str, Any] | None
+    finish_reason: str = "stop"
+    tool_calls: tuple[ToolCall, ...] = ()
+    responses: list[dict[str, Any]] = field(default_factory=list)
+
+
+Output = Text | Progress | Final
+
+
+def is_fusion_model(model: str) -> bool:
+    return model == FUSION_ALIAS or model.startswith(FUSION_PREFIX)
+
+
+def fusion_object(result: FusionResult) -> dict[str, Any]:
+    data = result.to_dict()
+    data.pop("content")
+    data.pop("usage")
+    return data
+
+
+class Completions:
+    def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+
+    def plan(self, body: ChatCompletionRequest, depth: int) -> AsyncIterator[Output]:
+        messages = tuple(m.to_message() for m in body.messages)
+        params = body.fusion_params
+        at_limit = depth >= self.settings.server.max_depth
+        if is_fusion_model(body.model):
+            preset = self._preset(body.model, params)
+            if at_limit:
+                return self._plain([preset.judge], messages, body, depth, self._limit_note(depth))
+            fusion = Fusion(preset, settings=self.settings, registry=self.registry, depth=depth)
+            _check(fusion)
+            return self._fusion(fusion, messages, body)
+        if params is not None:
+            if at_limit:
+                return self._plain([body.model], messages, body, depth, self._limit_note(depth))
+            preset = self._preset(FUSION_ALIAS, params)
+            fusion = Fusion(preset, settings=self.settings, registry=self.registry, depth=depth)
+            _check(fusion)
+            self._resolve(body.model)
+            return self._caller(fusion, messages, body, depth)
+        return self._plain([body.model, *(body.models or [])], messages, body, depth, None)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def _preset(self, model: str, params: FusionParams | None) -> Preset:
+        name = model.removeprefix(FUSION_PREFIX) if model != FUSION_ALIAS else None
+        name = name or (params.preset if params else None) or self.settings.preset_name
+        try:
+            preset = load_preset(name, self.settings)
+            if params and params.analysis_models:
+                preset = dataclasses.replace(
+                    Preset.from_models(params.analysis_models, params.model or preset.judge),
+                    limits=preset.limits,
+                    prompts=preset.prompts,
+                )
+            elif params and params.model:
+                preset = dataclasses.replace(preset, judge=params.model)
+        except ConfigError as exc:
+            raise _config_error(exc, model) from exc
+        return preset
+
+    def _resolve(self, model_id: str) -> None:
+        try:
+            self.registry.resolve(model_id)
+        except ConfigError as exc:
+            raise _config_error(exc, model_id) from exc
+
+    def _limit_note(self, depth: int) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "note": "depth_limit",
+            "message": (
+                f"fusion depth {depth} reached the maximum ({self.settings.server.max_depth}): "
+                "answered by a single call instead of a panel"
+            ),
+            "depth": depth,
+            "analysis": None,
+            "responses": [],
+            "failed_models": [],
+            "failure_reason": None,
+        }
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def _fusion(
+        self, fusion: Fusion, messages: tuple[Message, ...], body: ChatCompletionRequest
+    ) -> AsyncIterator[Output]:
+        async for event in fusion.stream(messages, temperature=body.temperature):
+            if isinstance(event, MemberEvent | StageEvent):
+                yield Progress(event)
+            elif isinstance(event, AnswerDelta):
+                yield Text(event.text)
+            elif isinstance(event, Done):
+                result = event.result
+                _raise_if_failed(result)
+                yield Final(
+                    result.usage,
+                    result.cost_details,
+                    fusion_object(result),
+                    responses=_cost_lines(result),
+                )
+
+    def _plain(
+        self,
+        candidates: Sequence[str],
+        messages: tuple[Message, ...],
+        body: ChatCompletionRequest,
+        depth: int,
+        fusion_note: dict[str, Any] | None,
+    ) -> AsyncIterator[Output]:
+        for model_id in candidates:
+            self._resolve(model_id)
+        tools = tuple(ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools)
+        choice = body.tool_choice if isinstance(body.tool_choice, str) else None
+
+        async def run() -> AsyncIterator[Output]:
+            failure: APIError | None = None
+            for model_id in candidates:
+                provider, model = self.registry.resolve(model_id)
+                request = CompletionRequest(
+                    model=model,
+                    messages=messages,
+                    temperature=body.temperature,
+                    max_tokens=body.max_tokens or body.max_completion_tokens,
+                    seed=body.seed,
+                    stop=body.stop_sequences,
+                    headers={DEPTH_HEADER: str(depth + 1)},
+                    tools=tools,
+                    tool_choice=choice,
+                )
+                sent = False
+                try:
+                    if body.stream and not tools:
+                        usage, finish = Usage(cost=None), "stop"
+                        async for chunk in provider.stream(request):
+                            if chunk.delta:
+                                sent = True
+                                yield Text(chunk.delta)
+                            usage = chunk.usage or usage
+                            finish = chunk.finish_reason or finish
+                        yield Final(usage, {"call": usage.cost}, fusion_note, finish)
+                    else:
+                        done = await provider.complete(request)
+                        yield Text(done.content)
+                        finish = "tool_calls" if done.tool_calls else done.finish_reason or "stop"
+                        yield Final(
+                            done.usage,
+                            {"call": done.usage.cost},
+                            fusion_note,
+                            finish,
+                            done.tool_calls,
+                        )
+                    return
+                except ProviderError as exc:
+                    failure = from_provider(exc, model_id)
+                    if sent:  # half an answer is out: no fallback can take it back
+                        raise failure from exc
+            assert failure is not None
+            raise failure
+
+        return run()
+
+    async def _caller(
+        self,
+        fusion: Fusion,
+        messages: tuple[Message, ...],
+        body: ChatCompletionRequest,
+        depth: int,
+    ) -> AsyncIterator[Output]:
+        provider, model = self.registry.resolve(body.model)
+        forced = body.tool_choice == "required" or (
+            isinstance(body.tool_choice, dict)
+            and body.tool_choice.get("function", {}).get("name") == "fusion"
+        )
+        base = CompletionRequest(
+            model=model,
+            messages=messages,
+            temperature=body.temperature,
+            max_tokens=body.max_tokens or body.max_completion_tokens,
+            seed=body.seed,
+            headers={DEPTH_HEADER: str(depth + 1)},
+            tools=(FUSION_TOOL,),
+        )
+        try:
+            first = await provider.complete(
+                dataclasses.replace(base, tool_choice="required" if forced else "auto")
+            )
+        except ProviderError as exc:
+            raise from_provider(exc, body.model) from exc
+        call = next((c for c in first.tool_calls if c.name == "fusion"), None)
+        if call is None and not forced:  # the caller judged the prompt not worth a panel
+            yield Text(first.content)
+            yield Final(first.usage, {"caller": first.usage.cost}, None)
+            return
+        if call is None:  # forced, but the caller model cannot call tools: call it for it
+            call = ToolCall("call_fusion", "fusion", json.dumps({"prompt": _last_user(messages)}))
+        prompt = _tool_prompt(call) or _last_user(messages)
+        result: FusionResult | None = None
+        async for event in fusion.stream(prompt, temperature=body.temperature, synthesise=False):
+            if isinstance(event, MemberEvent | StageEvent):
+                yield Progress(event)
+            elif isinstance(event, Done):
+                result = event.result
+        assert result is not None
+        tool_result = json.dumps(_tool_result(result), ensure_ascii=False)
+        final_request = dataclasses.replace(
+            base,
+            messages=(
+                *messages,
+                Message("assistant", first.content, tool_calls=(call,)),
+                Message("tool", tool_result, tool_call_id=call.id),
+            ),
+            tool_choice="none",
+        )
+        usage = Usage(cost=None)
+        try:
+            async for chunk in provider.stream(final_request):
+                if chunk.delta:
+                    yield Text(chunk.delta)
+                usage = chunk.usage or usage
+        except ProviderError as exc:
+            raise from_provider(exc, body.model) from exc
+        caller_usage = first.usage + usage
+        yield Final(
+            caller_usage + result.usage,
+            {"caller": caller_usage.cost, **result.cost_details},
+            fusion_object(result),
+            responses=_cost_lines(result),
+        )
+
+
+def _check(fusion: Fusion) -> None:
+    try:
+        fusion.check()
+    except ConfigError as exc:
+        raise _config_error(exc, fusion.preset.name) from exc
+
+
+def _config_error(exc: ConfigError, model: str) -> APIError:
+    """A missing upstream key is the operator's to fix (503); anything else is the request's."""
+    if isinstance(exc, MissingAPIKeyError):
+        return APIError(503, f"this server is not configured for it: {exc}", {"model": model})
+    return APIError(400, f"model: {exc}", {"model": model})
+
+
+def _raise_if_failed(result: FusionResult) -> None:
+    if result.status == "error":
+        reason = result.failure_reason or "all_panels_failed"
+        raise APIError(
+            PANEL_FAILURE_STATUS.get(reason, 502),
+            result.failure_message or "every panel member failed",
+            {
+                "failure_reason": reason,
+                "failed_models": [f.to_dict() for f in result.failed_models],
+            },
+        )
+
+
+def _cost_lines(result: FusionResult) -> list[dict[str, Any]]:
+    return [
+        {"model": r.model, "name": r.name, "cost": r.usage.cost, **r.usage.to_dict()}
+        for r in result.responses
+    ]
+
+
+def _tool_result(result: FusionResult) -> dict[str, Any]:
+    if result.status == "error":
+        return {"error": result.failure_message, "failure_reason": result.failure_reason}
+    return {
+        "analysis": result.analysis,
+        "responses": [{"model": r.name, "content": r.content} for r in result.responses],
+        "failed_models": [f.to_dict() for f in result.failed_models],
+    }
+
+
+def _tool_prompt(call: ToolCall) -> str | None:
+    try:
+        arguments = json.loads(call.arguments)
+    except ValueError:
+        return None
+    prompt = arguments.get("prompt") if isinstance(arguments, dict) else None
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
+def _last_user(messages: Sequence[Message]) -> str:
+    return next(m.content for m in reversed(messages) if m.role == "user")

@@ -1,0 +1,100 @@
+"""Server-sent events for streamed completions.
+
+Text chunks are the hot path: their JSON is a fixed prefix and suffix around the escaped text,
+built once per response, so a chunk costs one ``json.dumps`` of a string. Panel progress goes
+out as SSE comment lines (``: openfusion-progress {...}``): every SSE client, the ``openai`` SDK
+included, skips comments, and clients that want progress can read them. While nothing else is
+said, ``: OPENFUSION PROCESSING`` keeps proxies from closing the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Any, TypeVar
+
+from openfusion.engine import MemberEvent, StageEvent
+from openfusion.server.errors import APIError
+
+KEEPALIVE = b": OPENFUSION PROCESSING\n\n"
+DONE = b"data: [DONE]\n\n"
+
+T = TypeVar("T")
+
+
+class ChunkEncoder:
+    def __init__(self, generation_id: str, model: str, created: int) -> None:
+        self._head = {
+            "id": generation_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        head = json.dumps(self._head)[:-1]
+        self._text_prefix = (
+            f'data: {head}, "choices": [{{"index": 0, "delta": {{"content": '
+        ).encode()
+        self._text_suffix = b'}, "finish_reason": null}]}\n\n'
+
+    def role(self) -> bytes:
+        return self._event({"choices": [_choice({"role": "assistant", "content": ""}, None)]})
+
+    def text(self, delta: str) -> bytes:
+        return self._text_prefix + json.dumps(delta).encode() + self._text_suffix
+
+    def final(self, finish_reason: str, usage: dict[str, Any], extra: dict[str, Any]) -> bytes:
+        return self._event({"choices": [_choice({}, finish_reason)], "usage": usage, **extra})
+
+    def error(self, error: APIError) -> bytes:
+        return self._event({**error.body(), "choices": [_choice({}, "error")]})
+
+    def _event(self, fields: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps({**self._head, **fields}).encode() + b"\n\n"
+
+
+def progress(event: MemberEvent | StageEvent) -> bytes:
+    if isinstance(event, MemberEvent):
+        data: dict[str, Any] = {"type": "panel", "index": event.index, "model": event.name}
+    else:
+        data = {"type": "judge", "stage": event.stage}
+    data.update(state=event.state, seconds=round(event.elapsed, 3), reason=event.reason)
+    if event.usage is not None:
+        data.update(tokens=event.usage.completion_tokens, cost=event.usage.cost)
+    return b": openfusion-progress " + json.dumps(data).encode() + b"\n\n"
+
+
+def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+
+
+async def with_keepalive(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """Yield the items, and ``None`` whenever ``interval`` seconds pass without one.
+
+    The pending ``anext`` is never cancelled by a tick, so the source iterator is not disturbed;
+    closing this iterator closes the source (which cancels its work).
+    """
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
