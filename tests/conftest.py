@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from openfusion.settings import Settings
+from openfusion.settings import RetrySettings, Settings
+
+if TYPE_CHECKING:
+    from server_fixtures import RunningServer
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
@@ -57,4 +61,18 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(config_dir=tmp_path / "config", cache_dir=tmp_path / "cache")
+    """One try per model: failure semantics without retries (tests of retries set their own)."""
+    return Settings(
+        config_dir=tmp_path / "config",
+        cache_dir=tmp_path / "cache",
+        retries=RetrySettings(attempts=1),
+    )
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RunningServer]]:
+    """Start real servers (``server_fixtures.run_server``); each one stops when the test ends."""
+    from server_fixtures import run_server
+
+    with ExitStack() as stack:
+        yield lambda *args, **kwargs: stack.enter_context(run_server(*args, **kwargs))

@@ -36,6 +36,7 @@ def demo_config() -> Path:
     (config / "script.json").write_text(json.dumps(script))
     (config / "config.toml").write_text(
         f'[providers.demo]\ntype = "scripted"\noptions.script = "{config / "script.json"}"\n'
+        "[retries]\nbase_delay = 0.01\n"
     )
     (config / "presets" / "demo.toml").write_text(
         'description = "scripted demo"\njudge = "demo/judge"\n'
@@ -76,6 +77,7 @@ def test_ask_with_panel_and_judge_flags(demo_config: Path) -> None:
     data = json.loads(result.stdout)
     assert [r["model"] for r in data["responses"]] == ["demo/a"]
     assert data["failed_models"][0]["message"] == "upstream overloaded"
+    assert data["failed_models"][0]["tries"] == 3  # retried: 503 is worth another try
     assert "upstream overloaded" in result.stderr
 
 

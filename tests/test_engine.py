@@ -209,6 +209,7 @@ async def test_failed_member_is_recorded_and_others_used(settings: Settings) -> 
         "reason": "rate_limited",
         "status": 429,
         "message": "Rate limit exceeded: free-models-per-min",
+        "tries": 1,
     }
     judge_prompt = next(c.messages[-1].content for c in provider.calls if c.json_schema)
     assert "Response C" not in judge_prompt

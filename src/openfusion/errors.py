@@ -49,18 +49,46 @@ class ProviderError(OpenFusionError):
     reason = "upstream_error"
 
     def __init__(
-        self, message: str, *, status: int | None = None, reason: str | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.retry_after = retry_after
+        """Seconds the upstream asked us to wait (``Retry-After``), if it said."""
+        self.tries = 1
+        """Calls made before giving up (retries and fallbacks included)."""
         if reason is not None:
             self.reason = reason
 
+    @property
+    def retryable(self) -> bool:
+        """Worth another try: timeouts, dropped connections, 408, 429 and 5xx."""
+        if self.reason in ("timeout", "connection_error", "rate_limited"):
+            return True
+        return self.status is not None and (self.status in (408, 429) or self.status >= 500)
+
 
 class UpstreamError(ProviderError):
-    def __init__(self, message: str, *, status: int, reason: str | None = None) -> None:
-        super().__init__(message, status=status, reason=reason or reason_for_status(status))
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            status=status,
+            reason=reason or reason_for_status(status),
+            retry_after=retry_after,
+        )
 
 
 class UpstreamTimeout(ProviderError):

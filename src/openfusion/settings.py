@@ -18,6 +18,13 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     read = 120.0
     total = 600.0
 
+    [retries]                          # per model, before its fallbacks are tried
+    attempts = 3
+    base_delay = 0.5                   # exponential backoff with jitter, or Retry-After
+    max_retry_after = 30.0             # a longer Retry-After moves on to the fallback
+    breaker_threshold = 5              # failures in a row that open a model's circuit
+    breaker_cooldown = 30.0
+
     [server]
     max_depth = 1                      # fusion depth at which requests get one plain call
     keepalive_seconds = 3.0
@@ -64,6 +71,19 @@ class Timeouts(BaseModel):
     total: float = Field(600.0, gt=0)
 
 
+class RetrySettings(BaseModel):
+    """Retries per model (timeouts, dropped connections, 408, 429, 5xx) and the breaker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempts: int = Field(3, ge=1, le=10)
+    base_delay: float = Field(0.5, ge=0)
+    max_delay: float = Field(10.0, ge=0)
+    max_retry_after: float = Field(30.0, ge=0)
+    breaker_threshold: int = Field(5, ge=1)
+    breaker_cooldown: float = Field(30.0, ge=0)
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -81,6 +101,7 @@ class ConfigFile(BaseModel):
     prompts_dir: Path | None = None
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
 
 
@@ -107,6 +128,7 @@ class Settings:
     default_preset: str | None = None
     prompts_dir: Path | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: RetrySettings = field(default_factory=RetrySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
@@ -124,6 +146,7 @@ class Settings:
             default_preset=env.get(ENV_PRESET) or config.default_preset,
             prompts_dir=config.prompts_dir,
             timeouts=config.timeouts,
+            retries=config.retries,
             server=config.server,
             env=env,
         )

@@ -11,13 +11,13 @@ import asyncio
 import json
 import random
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from openfusion.engine.budget import Budget
 from openfusion.engine.judge import (
     AnalysisError,
     LabelledResponse,
@@ -25,6 +25,8 @@ from openfusion.engine.judge import (
     anonymise,
     parse_analysis,
 )
+from openfusion.engine.panel import Member, gather_panel, members_of
+from openfusion.engine.policy import Caller
 from openfusion.engine.result import (
     AnswerDelta,
     Done,
@@ -37,24 +39,15 @@ from openfusion.engine.result import (
     StageEvent,
 )
 from openfusion.errors import ConfigError, ProviderError
-from openfusion.presets import PanelSlot, Preset, load_preset
+from openfusion.presets import Preset, load_preset
 from openfusion.prompts import PromptSet
-from openfusion.providers import Provider, ProviderRegistry
+from openfusion.providers import ProviderRegistry
 from openfusion.settings import Settings
 from openfusion.types import CompletionRequest, Message, Usage
 
 DEPTH_HEADER = "x-openrouter-fusion-depth"
 
 Emit = Callable[[FusionEvent], None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Member:
-    index: int
-    name: str
-    slot: PanelSlot
-    provider: Provider
-    model: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +60,11 @@ class _Stage:
 
 class Fusion:
     """Runs fusions for one preset. Use as ``async with`` to keep providers (and the local
-    model) loaded across runs; used bare, each run closes what it opened."""
+    model) loaded across runs; used bare, each run closes what it opened.
+
+    ``caller`` carries retries, fallbacks, the circuit breaker and prices; pass one to share
+    breaker state between fusions (the server does).
+    """
 
     def __init__(
         self,
@@ -76,13 +73,15 @@ class Fusion:
         settings: Settings | None = None,
         registry: ProviderRegistry | None = None,
         prompts: PromptSet | None = None,
+        caller: Caller | None = None,
         depth: int = 0,
         shuffle_seed: int | None = None,
     ) -> None:
         self.preset = preset
         self.settings = settings or Settings.load()
-        self._owns_registry = registry is None
-        self.registry = registry or ProviderRegistry(self.settings)
+        self._owns_registry = registry is None and caller is None
+        self.registry = caller.registry if caller else registry or ProviderRegistry(self.settings)
+        self.caller = caller or Caller.from_settings(self.registry, self.settings)
         self.prompts = prompts or PromptSet(
             search_dirs=[
                 d for d in (self.settings.prompts_dir, self.settings.config_dir / "prompts") if d
@@ -118,15 +117,28 @@ class Fusion:
         if self._owns_registry:
             await self.registry.aclose()
 
+    def check(self) -> None:
+        """Resolve every model id of the preset now: raises ``ConfigError`` (unknown provider,
+        missing API key, malformed id) before anything is spent."""
+        for slot in self.preset.panel:
+            for model_id in slot.models:
+                self.registry.resolve(model_id)
+        for model_id in self.preset.judges:
+            self.registry.resolve(model_id)
+
     async def run(
         self,
         prompt: str | Sequence[Message],
         *,
         temperature: float | None = None,
         synthesise: bool = True,
+        max_cost: float | None = None,
     ) -> FusionResult:
         """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
-        async for event in self.stream(prompt, temperature=temperature, synthesise=synthesise):
+        events = self.stream(
+            prompt, temperature=temperature, synthesise=synthesise, max_cost=max_cost
+        )
+        async for event in events:
             if isinstance(event, Done):
                 return event.result
         raise RuntimeError("fusion ended without a result")  # pragma: no cover - a bug if reached
@@ -137,28 +149,22 @@ class Fusion:
         *,
         temperature: float | None = None,
         synthesise: bool = True,
+        max_cost: float | None = None,
     ) -> AsyncIterator[FusionEvent]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
         ``temperature`` overrides the panel's; ``synthesise=False`` stops after the analysis
-        (for a caller model that writes the answer itself). Closing the iterator early cancels
-        every call still running.
+        (for a caller model that writes the answer itself); ``max_cost`` (USD) is a budget: a
+        call that could overrun it is not started. Closing the iterator early cancels every
+        call still running.
         """
         messages = _as_messages(prompt)
         try:
-            members = self._resolve_panel()
-            judge, judge_model = self.registry.resolve(self.preset.judge)
+            self.check()
             queue: asyncio.Queue[FusionEvent | None] = asyncio.Queue()
-            task = asyncio.create_task(
-                self._run(
-                    messages,
-                    members,
-                    (judge, judge_model),
-                    temperature,
-                    synthesise,
-                    queue.put_nowait,
-                )
-            )
+            budget = Budget(max_cost) if max_cost is not None else None
+            run = _Run(self, messages, temperature, budget, queue.put_nowait)
+            task = asyncio.create_task(run.execute(synthesise))
             task.add_done_callback(lambda _: queue.put_nowait(None))
             try:
                 while (event := await queue.get()) is not None:
@@ -173,232 +179,214 @@ class Fusion:
             if not self._entered:
                 await self.aclose()
 
-    def check(self) -> None:
-        """Resolve every model id of the preset now: raises ``ConfigError`` (unknown provider,
-        missing API key, malformed id) before anything is spent."""
-        self._resolve_panel()
-        self.registry.resolve(self.preset.judge)
 
-    def _resolve_panel(self) -> list[_Member]:
-        counts = Counter(slot.model for slot in self.preset.panel)
-        seen: Counter[str] = Counter()
-        members = []
-        for index, slot in enumerate(self.preset.panel):
-            seen[slot.model] += 1
-            name = slot.model if counts[slot.model] == 1 else f"{slot.model}#{seen[slot.model]}"
-            provider, model = self.registry.resolve(slot.model)
-            members.append(_Member(index, name, slot, provider, model))
-        return members
+class _Run:
+    """One fusion's state, its stages as methods: panel → analysis → synthesis."""
 
-    @property
-    def _inner_headers(self) -> dict[str, str]:
-        return {DEPTH_HEADER: str(self.depth + 1)}
-
-    async def _run(
+    def __init__(
         self,
+        fusion: Fusion,
         messages: tuple[Message, ...],
-        members: list[_Member],
-        judge_ref: tuple[Provider, str],
         temperature: float | None,
-        synthesise: bool,
+        budget: Budget | None,
         emit: Emit,
     ) -> None:
-        judge, judge_model = judge_ref
-        started = time.monotonic()
-        question = next(m.content for m in reversed(messages) if m.role == "user")
+        self.fusion = fusion
+        self.preset = fusion.preset
+        self.caller = fusion.caller
+        self.messages = messages
+        self.question = next(m.content for m in reversed(messages) if m.role == "user")
+        self.temperature = temperature
+        self.budget = budget
+        self.emit = emit
+        self.headers = {DEPTH_HEADER: str(fusion.depth + 1)}
+        self.started = time.monotonic()
 
+    async def execute(self, synthesise: bool) -> None:
+        members = members_of(self.preset.panel)
         for member in members:
-            emit(MemberEvent(member.index, member.name, "waiting"))
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(self._ask_member(m, messages, question, temperature, emit))
-                for m in members
-            ]
-        outcomes = [t.result() for t in tasks]
+            self.emit(MemberEvent(member.index, member.name, "waiting"))
+        outcomes = await gather_panel(members, self.ask, self.preset.policy, self.deadline)
         responses = tuple(o for o in outcomes if isinstance(o, MemberResponse))
         failures = tuple(o for o in outcomes if isinstance(o, MemberFailure))
-        panel_usage = _total([o.usage for o in outcomes])
+        panel = _total([o.usage for o in outcomes])
+        if len(responses) < self.preset.policy.min_panel:
+            self.finish(responses, failures, "", None, {"panel": panel}, _panel_failure(failures))
+            return
+        labelled = anonymise(responses, self.fusion._rng)
+        analysis, analysed = await self.analyse(labelled)
+        stages = {"panel": panel, "analysis": analysed.usage}
+        error = analysed.error
+        content = ""
+        if synthesise:
+            content, synthesised = await self.synthesise(labelled, analysis, responses[0].content)
+            stages["synthesis"] = synthesised.usage
+            error = error or synthesised.error
+        failure = (_judge_reason(error.reason), error.message) if error else None
+        self.finish(responses, failures, content, analysis, stages, failure)
 
-        def finish(
-            status: str, content: str, analysis: dict[str, Any] | None, stages: list[_Stage]
-        ) -> None:
-            usages = [panel_usage, *(s.usage for s in stages)]
-            error = next((s.error for s in stages if s.error), None)
-            reason: FailureReason | None = _judge_reason(error.reason) if error else None
-            message = error.message if error else None
-            if status == "error":
-                reason, message = _panel_failure(failures)
-            emit(
-                Done(
-                    FusionResult(
-                        status="ok" if status == "ok" else "error",
-                        content=content,
-                        analysis=analysis,
-                        responses=responses,
-                        failed_models=failures,
-                        failure_reason=reason,
-                        failure_message=message,
-                        usage=_total(usages),
-                        cost_details=dict(
-                            zip(
-                                ("panel", "analysis", "synthesis"),
-                                (u.cost for u in usages),
-                                strict=False,
-                            )
-                        ),
-                        judge=self.preset.judge,
-                        latency_ms=_ms_since(started),
-                    )
+    def finish(
+        self,
+        responses: tuple[MemberResponse, ...],
+        failures: tuple[MemberFailure, ...],
+        content: str,
+        analysis: dict[str, Any] | None,
+        stages: dict[str, Usage],
+        failure: tuple[FailureReason, str] | None,
+    ) -> None:
+        error = failure is not None and failure[0] in PANEL_FAILURES
+        self.emit(
+            Done(
+                FusionResult(
+                    status="error" if error else "ok",
+                    content=content,
+                    analysis=analysis,
+                    responses=responses,
+                    failed_models=failures,
+                    failure_reason=failure[0] if failure else None,
+                    failure_message=failure[1] if failure else None,
+                    usage=_total(list(stages.values())),
+                    cost_details={stage: usage.cost for stage, usage in stages.items()},
+                    judge=self.preset.judge,
+                    latency_ms=round((time.monotonic() - self.started) * 1000),
+                    budget=self.budget.to_dict() if self.budget else None,
                 )
             )
-
-        if not responses:
-            finish("error", "", None, [])
-            return
-        labelled = anonymise(responses, self._rng)
-        analysis, analysed = await self._analyse(judge, judge_model, question, labelled, emit)
-        if not synthesise:
-            finish("ok", "", analysis, [analysed])
-            return
-        content, synthesised = await self._synthesise(
-            judge, judge_model, question, labelled, analysis, responses[0].content, emit
         )
-        finish("ok", content, analysis, [analysed, synthesised])
 
-    async def _ask_member(
-        self,
-        member: _Member,
-        messages: tuple[Message, ...],
-        question: str,
-        temperature: float | None,
-        emit: Emit,
-    ) -> MemberResponse | MemberFailure:
-        emit(MemberEvent(member.index, member.name, "running"))
+    # -- panel ---------------------------------------------------------------------------
+
+    async def ask(self, member: Member) -> MemberResponse | MemberFailure:
+        self.emit(MemberEvent(member.index, member.name, "running"))
         started = time.monotonic()
-        system = self.prompts.render(
+        system = self.fusion.prompts.render(
             "panel_system",
-            question=question,
+            question=self.question,
             member_index=member.index,
             panel_size=len(self.preset.panel),
         )
         request = CompletionRequest(
-            model=member.model,
-            messages=(Message("system", system), *messages),
-            temperature=temperature if temperature is not None else member.slot.temperature,
+            model="",
+            messages=(Message("system", system), *self.messages),
+            temperature=self.temperature
+            if self.temperature is not None
+            else member.slot.temperature,
             seed=member.slot.seed,
             max_tokens=self.preset.limits.panel_max_tokens,
-            headers=self._inner_headers,
+            headers=self.headers,
         )
         try:
-            completion = await member.provider.complete(request)
-            if not completion.content.strip():
+            call = await self.caller.complete(member.slot.models, request, self.budget)
+            if not call.completion.content.strip():
                 raise ProviderError("the model returned an empty answer", reason="empty_completion")
         except ProviderError as exc:
-            emit(
-                MemberEvent(
-                    member.index,
-                    member.name,
-                    "failed",
-                    time.monotonic() - started,
-                    reason=exc.reason,
-                )
-            )
+            elapsed = time.monotonic() - started
+            self.emit(MemberEvent(member.index, member.name, "failed", elapsed, reason=exc.reason))
             return MemberFailure(
-                member.slot.model, member.name, exc.reason, exc.status, exc.message
+                member.slot.model,
+                member.name,
+                exc.reason,
+                exc.status,
+                exc.message,
+                tries=exc.tries,
             )
         elapsed = time.monotonic() - started
-        emit(MemberEvent(member.index, member.name, "done", elapsed, usage=completion.usage))
+        usage = call.completion.usage
+        self.emit(MemberEvent(member.index, member.name, "done", elapsed, usage=usage))
         return MemberResponse(
-            model=member.slot.model,
+            model=call.model,
             name=member.name,
-            content=completion.content.strip(),
-            usage=completion.usage,
+            content=call.completion.content.strip(),
+            usage=usage,
             latency_ms=round(elapsed * 1000),
         )
 
-    async def _analyse(
-        self,
-        judge: Provider,
-        judge_model: str,
-        question: str,
-        labelled: list[LabelledResponse],
-        emit: Emit,
+    def deadline(self, member: Member, waited: float) -> MemberFailure:
+        elapsed = time.monotonic() - self.started
+        self.emit(MemberEvent(member.index, member.name, "failed", elapsed, reason="deadline"))
+        message = f"cancelled: the quorum had answered and it was {waited:.1f}s behind"
+        return MemberFailure(member.slot.model, member.name, "deadline", None, message)
+
+    # -- judge ---------------------------------------------------------------------------
+
+    async def analyse(
+        self, labelled: list[LabelledResponse]
     ) -> tuple[dict[str, Any] | None, _Stage]:
-        emit(StageEvent("analysis", "running"))
+        self.emit(StageEvent("analysis", "running"))
         started = time.monotonic()
         labels = [item.label for item in labelled]
-        prompt = self.prompts.render(
-            "judge_analysis", question=question, responses=_for_template(labelled), labels=labels
+        limits = self.preset.limits
+        prompt = self.fusion.prompts.render(
+            "judge_analysis",
+            question=self.question,
+            responses=_for_template(labelled),
+            labels=labels,
         )
         request = CompletionRequest(
-            model=judge_model,
+            model="",
             messages=(Message("user", prompt),),
             temperature=0.0,
-            max_tokens=self.preset.limits.analysis_max_tokens,
-            json_schema=analysis_schema(
-                labels, self.preset.limits.analysis_items, self.preset.limits.analysis_chars
-            ),
-            headers=self._inner_headers,
+            max_tokens=limits.analysis_max_tokens,
+            json_schema=analysis_schema(labels, limits.analysis_items, limits.analysis_chars),
+            headers=self.headers,
         )
         usage = Usage()
         try:
-            completion = await judge.complete(request)
-            usage = completion.usage
-            analysis = parse_analysis(completion.content, labelled)
+            call = await self.caller.complete(self.preset.judges, request, self.budget)
+            usage = call.completion.usage
+            analysis = parse_analysis(call.completion.content, labelled)
         except (ProviderError, AnalysisError) as exc:
             error = exc if isinstance(exc, AnalysisError) else _upstream(exc)
-            emit(StageEvent("analysis", "failed", time.monotonic() - started, usage, error.reason))
+            elapsed = time.monotonic() - started
+            self.emit(StageEvent("analysis", "failed", elapsed, usage, error.reason))
             return None, _Stage(usage, error)
-        emit(StageEvent("analysis", "done", time.monotonic() - started, usage))
+        self.emit(StageEvent("analysis", "done", time.monotonic() - started, usage))
         return analysis, _Stage(usage)
 
-    async def _synthesise(
-        self,
-        judge: Provider,
-        judge_model: str,
-        question: str,
-        labelled: list[LabelledResponse],
-        analysis: dict[str, Any] | None,
-        fallback: str,
-        emit: Emit,
+    async def synthesise(
+        self, labelled: list[LabelledResponse], analysis: dict[str, Any] | None, fallback: str
     ) -> tuple[str, _Stage]:
-        emit(StageEvent("synthesis", "running"))
+        self.emit(StageEvent("synthesis", "running"))
         started = time.monotonic()
-        prompt = self.prompts.render(
+        prompt = self.fusion.prompts.render(
             "synthesis",
-            question=question,
+            question=self.question,
             responses=_for_template(labelled),
             analysis=analysis,
             analysis_json=_analysis_json(analysis, labelled),
         )
         request = CompletionRequest(
-            model=judge_model,
+            model="",
             messages=(Message("user", prompt),),
             max_tokens=self.preset.limits.synthesis_max_tokens,
-            headers=self._inner_headers,
+            headers=self.headers,
         )
         parts: list[str] = []
         usage = Usage()
         error: AnalysisError | None = None
         try:
-            async for chunk in judge.stream(request):
+            async for chunk in self.caller.stream(self.preset.judges, request, self.budget):
                 if chunk.delta and (parts or chunk.delta.strip()):
                     delta = chunk.delta if parts else chunk.delta.lstrip()
                     parts.append(delta)
-                    emit(AnswerDelta(delta))
+                    self.emit(AnswerDelta(delta))
                 usage = chunk.usage or usage
         except ProviderError as exc:
             error = _upstream(exc)
         if error is None and not "".join(parts).strip():
             error = AnalysisError("judge_empty_completion", "the judge wrote an empty answer")
+        elapsed = time.monotonic() - started
         if error is not None:
-            emit(StageEvent("synthesis", "failed", time.monotonic() - started, usage, error.reason))
+            self.emit(StageEvent("synthesis", "failed", elapsed, usage, error.reason))
             if not parts:  # best effort: the first panel answer stands in for the fused one
                 parts.append(fallback)
-                emit(AnswerDelta(fallback))
+                self.emit(AnswerDelta(fallback))
             return "".join(parts), _Stage(usage, error)
-        emit(StageEvent("synthesis", "done", time.monotonic() - started, usage))
+        self.emit(StageEvent("synthesis", "done", elapsed, usage))
         return "".join(parts).strip(), _Stage(usage)
+
+
+PANEL_FAILURES = frozenset({"all_panels_failed", "rate_limited", "insufficient_credits"})
 
 
 def _as_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
@@ -443,7 +431,7 @@ def _panel_failure(failures: Sequence[MemberFailure]) -> tuple[FailureReason, st
     elif reasons == {"insufficient_credits"}:
         reason = "insufficient_credits"
     detail = "; ".join(f"{f.name}: {f.reason} ({f.message})" for f in failures)
-    return reason, f"every panel member failed: {detail}"
+    return reason, f"too few panel members answered: {detail}"
 
 
 def _total(usages: Sequence[Usage]) -> Usage:
@@ -451,7 +439,3 @@ def _total(usages: Sequence[Usage]) -> Usage:
     for usage in usages:
         total += usage
     return total
-
-
-def _ms_since(started: float) -> int:
-    return round((time.monotonic() - started) * 1000)

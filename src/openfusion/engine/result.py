@@ -51,6 +51,7 @@ class MemberFailure:
     status: int | None
     message: str
     usage: Usage = field(default_factory=Usage)
+    tries: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class MemberFailure:
             "reason": self.reason,
             "status": self.status,
             "message": self.message,
+            "tries": self.tries,
         }
 
 
@@ -74,9 +76,11 @@ class FusionResult:
     failure_message: str | None
     usage: Usage
     cost_details: dict[str, float | None]
-    """Cost per stage: ``panel``, ``analysis``, ``synthesis`` (USD; ``None`` when unknown)."""
+    """Cost per stage run: ``panel``, ``analysis``, ``synthesis`` (USD; ``None`` if unknown)."""
     judge: str
     latency_ms: int
+    budget: dict[str, Any] | None = None
+    """With ``max_cost``: the limit, what was spent, and the models not started because of it."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +94,7 @@ class FusionResult:
             "judge": self.judge,
             "latency_ms": self.latency_ms,
             "usage": {**self.usage.to_dict(), "cost_details": self.cost_details},
+            "budget": self.budget,
         }
 
 

@@ -6,7 +6,17 @@ seeds and temperatures) judged by the same model. A preset file::
 
     description = "..."
     judge = "openrouter/deepseek/deepseek-v4-pro"
-    panel = [{ model = "openrouter/google/gemini-3-flash", temperature = 0.7, seed = 1 }, ...]
+    judge_fallbacks = ["openrouter/google/gemini-3-flash"]     # optional
+    panel = [
+      { model = "openrouter/google/gemini-3-flash", temperature = 0.7, seed = 1,
+        fallbacks = ["openrouter/google/gemini-2.5-flash"] },  # optional, tried in order
+      ...
+    ]
+
+    [policy]                      # optional
+    min_panel = 2                 # quorum: answers needed
+    straggler_seconds = 20        # once the quorum answered, wait at most this for the rest
+    straggler_factor = 1.5        # ... or this multiple of the answered members' median latency
 
     [limits]                      # optional, max tokens per stage; analysis size bounds
     panel_max_tokens = 1024
@@ -56,6 +66,20 @@ class _Slot(BaseModel):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     seed: int | None = None
+    fallbacks: list[str] = Field(default_factory=list, max_length=MAX_PANEL)
+
+
+class PanelPolicy(BaseModel):
+    """When the panel is done: the quorum, and how long stragglers get once it is met."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_panel: int = Field(1, ge=1, le=MAX_PANEL)
+    """Answers needed; fewer is a failed fusion."""
+    straggler_seconds: float | None = Field(None, gt=0)
+    """Once ``min_panel`` members answered, wait at most this long for the rest."""
+    straggler_factor: float | None = Field(None, gt=0)
+    """... or at most this multiple of the answered members' median latency."""
 
 
 class _PresetFile(BaseModel):
@@ -63,7 +87,9 @@ class _PresetFile(BaseModel):
 
     description: str = ""
     judge: str
+    judge_fallbacks: list[str] = Field(default_factory=list, max_length=MAX_PANEL)
     panel: list[_Slot] = Field(min_length=1, max_length=MAX_PANEL)
+    policy: PanelPolicy = Field(default_factory=PanelPolicy)
     limits: Limits = Field(default_factory=Limits)
     prompts: dict[str, str] = Field(default_factory=dict)
 
@@ -73,6 +99,12 @@ class PanelSlot:
     model: str
     temperature: float | None = None
     seed: int | None = None
+    fallbacks: tuple[str, ...] = ()
+    """Models that take the slot, in order, when ``model`` fails for good."""
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model, *self.fallbacks)
 
 
 @dataclass(frozen=True)
@@ -84,6 +116,12 @@ class Preset:
     limits: Limits = field(default_factory=Limits)
     prompts: dict[str, Path] = field(default_factory=dict)
     """Template overrides: template name → file."""
+    judge_fallbacks: tuple[str, ...] = ()
+    policy: PanelPolicy = field(default_factory=PanelPolicy)
+
+    @property
+    def judges(self) -> tuple[str, ...]:
+        return (self.judge, *self.judge_fallbacks)
 
     @classmethod
     def from_models(cls, models: Sequence[str], judge: str | None = None) -> Preset:
@@ -137,9 +175,13 @@ def _parse(name: str, text: str, where: str, base_dir: Path | None) -> Preset:
         raise ConfigError(f"{where}: shipped presets cannot override prompts")
     return Preset(
         name=name,
-        panel=tuple(PanelSlot(s.model, s.temperature, s.seed) for s in data.panel),
+        panel=tuple(
+            PanelSlot(s.model, s.temperature, s.seed, tuple(s.fallbacks)) for s in data.panel
+        ),
         judge=data.judge,
         description=data.description,
         limits=data.limits,
+        judge_fallbacks=tuple(data.judge_fallbacks),
+        policy=data.policy,
         prompts={k: (base_dir or Path()) / v for k, v in data.prompts.items()},
     )

@@ -7,9 +7,11 @@ events. Every failure becomes a ``ProviderError`` naming the provider and model,
 
 from __future__ import annotations
 
+import email.utils
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -195,7 +197,9 @@ class OpenAICompatProvider:
             detail = None
         detail = detail or text.strip()[:MAX_ERROR_TEXT] or resp.reason or "no error text"
         raise UpstreamError(
-            f"{self._label(model)}: HTTP {resp.status}: {detail}", status=resp.status
+            f"{self._label(model)}: HTTP {resp.status}: {detail}",
+            status=resp.status,
+            retry_after=_retry_after(resp.headers.get("Retry-After")),
         )
 
     def _decode(self, body: bytes | str, model: str) -> dict[str, Any]:
@@ -261,6 +265,19 @@ class OpenAICompatProvider:
             ) from exc
         except aiohttp.ClientError as exc:
             raise ProviderError(f"{label}: HTTP client error: {exc or type(exc).__name__}") from exc
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds, from either of its forms (seconds or an HTTP date)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _wire_message(message: Message) -> dict[str, Any]:

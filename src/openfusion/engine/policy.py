@@ -1,0 +1,260 @@
+"""How one logical call survives a flaky upstream: retries, fallbacks, a circuit breaker, and
+the price of what it cost.
+
+- Retries: on timeouts, dropped connections, 408, 429 and 5xx; exponential backoff with full
+  jitter, or the upstream's ``Retry-After`` when it gave one (a longer wait than
+  ``max_retry_after`` is not waited for: the next fallback is tried instead). Other 4xx are the
+  request's fault and are not retried.
+- Fallbacks: a slot lists models to try in order once its first is out of retries.
+- Circuit breaker, per model id: after ``threshold`` retryable failures in a row, calls are refused
+  at once for ``cooldown`` seconds; then one probe call is let through (half-open), and its
+  outcome closes or re-opens the circuit. One breaker is shared by every run of a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from openfusion.cost import PriceCatalog
+from openfusion.engine.budget import (
+    DEFAULT_MAX_TOKENS,
+    Budget,
+    BudgetExceeded,
+    estimate_prompt_tokens,
+)
+from openfusion.errors import ConfigError, ProviderError
+from openfusion.providers import Provider, ProviderRegistry
+from openfusion.settings import Settings
+from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    """Tries per model, the first included."""
+    base_delay: float = 0.5
+    max_delay: float = 10.0
+    max_retry_after: float = 30.0
+
+    def delay(self, attempt: int, error: ProviderError, rng: random.Random) -> float | None:
+        """Seconds to wait before try ``attempt + 1``, or ``None`` to give up on this model."""
+        if attempt >= self.attempts or not error.retryable:
+            return None
+        if error.retry_after is not None:
+            return error.retry_after if error.retry_after <= self.max_retry_after else None
+        return rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+class CircuitOpenError(ProviderError):
+    reason = "circuit_open"
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        threshold: int = 5,
+        cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._failures: dict[str, int] = {}
+        self._opened_at: dict[str, float] = {}
+        self._probing: set[str] = set()
+
+    def state(self, key: str) -> str:
+        if key not in self._opened_at:
+            return "closed"
+        if key in self._probing:
+            return "half-open"
+        waited = self._clock() - self._opened_at[key]
+        return "half-open" if waited >= self.cooldown else "open"
+
+    def check(self, key: str) -> None:
+        """Raise ``CircuitOpenError`` unless a call to ``key`` may go out now."""
+        if key not in self._opened_at:
+            return
+        waited = self._clock() - self._opened_at[key]
+        if waited >= self.cooldown and key not in self._probing:
+            self._probing.add(key)  # half-open: this call is the probe
+            return
+        retry_in = max(0.0, self.cooldown - waited)
+        raise CircuitOpenError(
+            f"{key}: circuit open after {self._failures.get(key, 0)} failures in a row; "
+            f"not calling it for another {retry_in:.0f}s",
+            retry_after=retry_in,
+        )
+
+    def success(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._opened_at.pop(key, None)
+        self._probing.discard(key)
+
+    def failure(self, key: str) -> None:
+        self._failures[key] = self._failures.get(key, 0) + 1
+        if key in self._probing or self._failures[key] >= self.threshold:
+            self._probing.discard(key)
+            self._opened_at[key] = self._clock()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    model: str
+    """The model id that answered (a fallback, maybe)."""
+    completion: Completion
+
+
+class Caller:
+    """Makes calls through the registry with retries, fallbacks, the breaker, pricing and the
+    request's budget."""
+
+    @classmethod
+    def from_settings(cls, registry: ProviderRegistry, settings: Settings) -> Caller:
+        r = settings.retries
+        return cls(
+            registry,
+            PriceCatalog.load(settings.config_dir, settings.cache_dir),
+            policy=RetryPolicy(r.attempts, r.base_delay, r.max_delay, r.max_retry_after),
+            breaker=CircuitBreaker(r.breaker_threshold, r.breaker_cooldown),
+        )
+
+    def __init__(
+        self,
+        registry: ProviderRegistry,
+        prices: PriceCatalog,
+        *,
+        policy: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.registry = registry
+        self.prices = prices
+        self.policy = policy or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    async def complete(
+        self, models: Sequence[str], request: CompletionRequest, budget: Budget | None = None
+    ) -> Call:
+        """The first model (in order) that answers, each tried per the retry policy."""
+        errors: list[ProviderError] = []
+        for model_id in models:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    async with self._slot(model_id, request, budget) as (provider, name, bill):
+                        completion = await provider.complete(
+                            dataclasses.replace(request, model=name)
+                        )
+                        usage = bill(completion.usage)
+                except ProviderError as exc:
+                    errors.append(exc)
+                    if await self._retry(model_id, attempt, exc):
+                        continue
+                    break
+                return Call(model_id, dataclasses.replace(completion, usage=usage))
+        raise _gave_up(models, errors)
+
+    async def stream(
+        self, models: Sequence[str], request: CompletionRequest, budget: Budget | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Like ``complete``, streamed. Once text has gone out, a failure is final."""
+        errors: list[ProviderError] = []
+        for model_id in models:
+            attempt = 0
+            while True:
+                attempt += 1
+                sent = False
+                try:
+                    async with self._slot(model_id, request, budget) as (provider, name, bill):
+                        stream = provider.stream(dataclasses.replace(request, model=name))
+                        async for chunk in stream:
+                            sent = sent or bool(chunk.delta)
+                            if chunk.usage is not None:
+                                chunk = dataclasses.replace(chunk, usage=bill(chunk.usage))
+                            yield chunk
+                except ProviderError as exc:
+                    errors.append(exc)
+                    if sent:
+                        if exc.retryable:
+                            self.breaker.failure(model_id)
+                        raise
+                    if await self._retry(model_id, attempt, exc):
+                        continue
+                    break
+                return
+        raise _gave_up(models, errors)
+
+    @asynccontextmanager
+    async def _slot(
+        self, model_id: str, request: CompletionRequest, budget: Budget | None
+    ) -> AsyncIterator[tuple[Provider, str, Callable[[Usage], Usage]]]:
+        """Resolve, pass the breaker, reserve the budget; yields a function that prices usage.
+
+        The reservation is settled whatever happens: by the priced cost, or by the reserved
+        worst case when the call ended without a known cost (failed or cancelled mid-way).
+        """
+        try:
+            provider, name = self.registry.resolve(model_id)
+        except ConfigError as exc:  # a failure of this slot, not of the whole run
+            raise ProviderError(str(exc), reason="config_error") from exc
+        self.breaker.check(model_id)
+        reservation = 0.0
+        if budget is not None:
+            chars = sum(len(m.content) for m in request.messages)
+            worst = self.prices.worst_case(
+                model_id,
+                estimate_prompt_tokens(chars),
+                request.max_tokens or DEFAULT_MAX_TOKENS,
+            )
+            reservation = budget.reserve(model_id, worst)
+        billed: list[Usage] = []
+
+        def bill(usage: Usage) -> Usage:
+            priced = self.prices.priced(model_id, usage)
+            billed.append(priced)
+            return priced
+
+        try:
+            yield provider, name, bill
+        except ProviderError:
+            if budget is not None:
+                budget.settle(reservation, 0.0)  # upstreams do not bill failed calls
+            raise
+        except BaseException:
+            if budget is not None:
+                budget.settle(reservation, None)
+            raise
+        else:
+            self.breaker.success(model_id)
+            if budget is not None:
+                budget.settle(reservation, billed[-1].cost if billed else None)
+
+    async def _retry(self, model_id: str, attempt: int, error: ProviderError) -> bool:
+        """Record the failure; wait and return True if this model gets another try."""
+        if isinstance(error, CircuitOpenError | BudgetExceeded):
+            return False
+        if error.retryable:
+            self.breaker.failure(model_id)
+        delay = self.policy.delay(attempt, error, self._rng)
+        if delay is None:
+            return False
+        await self._sleep(delay)
+        return True
+
+
+def _gave_up(models: Sequence[str], errors: list[ProviderError]) -> ProviderError:
+    """The last error, as the upstream worded it, counting every try that came before it."""
+    last = errors[-1]
+    last.tries = len(errors)
+    return last
