@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 from rich.console import Console, Group, RenderableType
@@ -83,6 +84,7 @@ class LiveView:
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
         for column in ("", "state", "tokens", "cost", "time"):
             table.add_column(column, justify="left" if column in ("", "state") else "right")
+        total = Usage()
         for row in self.rows.values():
             state = row.state if row.reason is None else f"{row.state}: {row.reason}"
             table.add_row(
@@ -92,6 +94,8 @@ class LiveView:
                 _cost(row.usage.cost) if row.usage else "",
                 row.seconds(),
             )
+            total += row.usage or Usage()
+        table.add_row("[bold]so far[/]", "", str(total.completion_tokens), _cost(total.cost), "")
         return Group(table)
 
 
@@ -109,6 +113,11 @@ def main() -> None:
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Panel sampling temperature.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result object as JSON.")
 @click.option("--show-analysis", is_flag=True, help="Print the judge's analysis after the answer.")
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    help="USD budget: calls that could overrun it are not started.",
+)
 def ask(
     question: str,
     preset: str | None,
@@ -117,6 +126,7 @@ def ask(
     temperature: float | None,
     as_json: bool,
     show_analysis: bool,
+    max_cost: float | None,
 ) -> None:
     """Answer QUESTION with a fusion ('-' reads it from stdin)."""
     if question == "-":
@@ -126,7 +136,9 @@ def ask(
     try:
         settings = Settings.load()
         chosen = _preset(settings, preset, panel, judge)
-        result = asyncio.run(_ask(chosen, settings, question, temperature, stream=not as_json))
+        result = asyncio.run(
+            _ask(chosen, settings, question, temperature, max_cost, stream=not as_json)
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     except OpenFusionError as exc:
@@ -152,14 +164,20 @@ def _preset(settings: Settings, name: str | None, panel: str | None, judge: str 
 
 
 async def _ask(
-    preset: Preset, settings: Settings, question: str, temperature: float | None, *, stream: bool
+    preset: Preset,
+    settings: Settings,
+    question: str,
+    temperature: float | None,
+    max_cost: float | None,
+    *,
+    stream: bool,
 ) -> FusionResult:
     err = Console(stderr=True, highlight=False)
     view = LiveView()
     err.print(f"[bold]{escape(preset.name)}[/] · {len(preset.panel)} panel · judge {preset.judge}")
     result: FusionResult | None = None
     async with Fusion(preset, settings=settings) as fusion:
-        events = fusion.stream(question, temperature=temperature)
+        events = fusion.stream(question, temperature=temperature, max_cost=max_cost)
         with (
             Live(view, console=err, refresh_per_second=8, transient=False)
             if err.is_terminal
@@ -219,9 +237,63 @@ def _summary(err: Console, result: FusionResult) -> None:
         )
 
 
+@main.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List presets and the providers they use (`models sync` refreshes prices)."""
+    if ctx.invoked_subcommand is None:
+        _list_models()
+
+
+@models.command("sync")
+def models_sync() -> None:
+    """Fetch OpenRouter's model catalog and prices (needs OPENROUTER_API_KEY)."""
+    from openfusion.cost import save_sync
+    from openfusion.providers import ProviderRegistry
+
+    async def fetch(settings: Settings) -> Any:
+        registry = ProviderRegistry(settings)
+        try:
+            provider = registry.provider("openrouter")
+            return await provider.list_models()  # type: ignore[attr-defined]
+        finally:
+            await registry.aclose()
+
+    try:
+        settings = Settings.load()
+        count = save_sync(settings.cache_dir, asyncio.run(fetch(settings)))
+    except OpenFusionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"saved prices of {count} OpenRouter models to {settings.cache_dir}")
+
+
 @main.command()
-def models() -> None:
-    """List presets and the providers they use."""
+@click.option("--online", is_flag=True, help="Also ask each provider's /models (needs keys).")
+def doctor(online: bool) -> None:
+    """Check every preset's models: provider, key, price, and (--online) that they exist."""
+    from openfusion.doctor import check
+
+    try:
+        findings = asyncio.run(check(Settings.load(), online=online))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = Console(highlight=False)
+    table = Table(title="doctor", title_justify="left")
+    for column in ("preset", "model", "", "finding"):
+        table.add_column(column, overflow="fold")
+    style = {"ok": "green", "warn": "yellow", "error": "red"}
+    for f in findings:
+        level = f"[{style[f.level]}]{f.level}[/]"
+        table.add_row(f.preset, f.model, level, escape(f.message))
+    out.print(table)
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warn" for f in findings)
+    out.print(f"{errors} error(s), {warnings} warning(s)")
+    if errors:
+        sys.exit(1)
+
+
+def _list_models() -> None:
     out = Console(highlight=False)
     try:
         settings = Settings.load()

@@ -65,7 +65,8 @@ class OpenAICompatProvider:
     ) -> None:
         self.name = name
         self.supports_json_schema = supports_json_schema
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._base_url = base_url.rstrip("/")
+        self._url = self._base_url + "/chat/completions"
         self._api_key = api_key
         self._headers = dict(headers)
         self._timeouts = timeouts
@@ -115,6 +116,17 @@ class OpenAICompatProvider:
                 "or [DONE]; the upstream dropped the answer, retry the call"
             )
         yield Chunk(usage=usage or Usage(cost=None), finish_reason=finish_reason)
+
+    async def list_models(self) -> dict[str, Any]:
+        """The upstream's ``GET /models`` body (OpenRouter's carries prices)."""
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        with self._translate_errors("models"):
+            async with self._get_session().get(
+                self._base_url + "/models", headers={**self._headers, **headers}
+            ) as resp:
+                await self._check_status(resp, "models")
+                body = await resp.read()
+        return self._decode(body, "models")
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

@@ -41,6 +41,7 @@ from openfusion.server.completions import (
 from openfusion.server.errors import APIError, from_validation
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
 from openfusion.settings import Settings
+from openfusion.types import Usage
 
 log = logging.getLogger("openfusion.server")
 
@@ -120,6 +121,7 @@ class Server:
         self, outputs: AsyncIterator[Output], encoder: ChunkEncoder, generation_id: str, model: str
     ) -> AsyncIterator[bytes]:
         yield encoder.role()
+        spent = Usage()
         try:
             async for item in with_keepalive(outputs, self.settings.server.keepalive_seconds):
                 if item is None:
@@ -127,7 +129,8 @@ class Server:
                 elif isinstance(item, Text):
                     yield encoder.text(item.delta)
                 elif isinstance(item, Progress):
-                    yield progress(item.event)
+                    spent += item.event.usage or Usage()
+                    yield progress(item.event, spent.cost)
                 else:
                     self._record(generation_id, model, item, streamed=True)
                     extra = {"fusion": item.fusion} if item.fusion is not None else {}

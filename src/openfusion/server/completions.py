@@ -31,6 +31,8 @@ from openfusion.engine import (
     MemberEvent,
     StageEvent,
 )
+from openfusion.engine.budget import Budget
+from openfusion.engine.policy import Caller
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
 from openfusion.presets import Preset, load_preset
 from openfusion.providers import ProviderRegistry
@@ -97,6 +99,13 @@ class Completions:
     def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
         self.settings = settings
         self.registry = registry
+        self.caller = Caller.from_settings(registry, settings)
+        """One for the process: retries and fallbacks per call, breaker state across calls."""
+
+    def _fusion_for(self, preset: Preset, depth: int) -> Fusion:
+        fusion = Fusion(preset, settings=self.settings, caller=self.caller, depth=depth)
+        _check(fusion)
+        return fusion
 
     def plan(self, body: ChatCompletionRequest, depth: int) -> AsyncIterator[Output]:
         messages = tuple(m.to_message() for m in body.messages)
@@ -105,16 +114,12 @@ class Completions:
         if is_fusion_model(body.model):
             preset = self._preset(body.model, params)
             if at_limit:
-                return self._plain([preset.judge], messages, body, depth, self._limit_note(depth))
-            fusion = Fusion(preset, settings=self.settings, registry=self.registry, depth=depth)
-            _check(fusion)
-            return self._fusion(fusion, messages, body)
+                return self._plain(preset.judges, messages, body, depth, self._limit_note(depth))
+            return self._fusion(self._fusion_for(preset, depth), messages, body)
         if params is not None:
             if at_limit:
                 return self._plain([body.model], messages, body, depth, self._limit_note(depth))
-            preset = self._preset(FUSION_ALIAS, params)
-            fusion = Fusion(preset, settings=self.settings, registry=self.registry, depth=depth)
-            _check(fusion)
+            fusion = self._fusion_for(self._preset(FUSION_ALIAS, params), depth)
             self._resolve(body.model)
             return self._caller(fusion, messages, body, depth)
         return self._plain([body.model, *(body.models or [])], messages, body, depth, None)
@@ -164,7 +169,8 @@ class Completions:
     async def _fusion(
         self, fusion: Fusion, messages: tuple[Message, ...], body: ChatCompletionRequest
     ) -> AsyncIterator[Output]:
-        async for event in fusion.stream(messages, temperature=body.temperature):
+        events = fusion.stream(messages, temperature=body.temperature, max_cost=body.max_cost)
+        async for event in events:
             if isinstance(event, MemberEvent | StageEvent):
                 yield Progress(event)
             elif isinstance(event, AnswerDelta):
@@ -192,50 +198,42 @@ class Completions:
         tools = tuple(ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools)
         choice = body.tool_choice if isinstance(body.tool_choice, str) else None
 
+        request = CompletionRequest(
+            model="",
+            messages=messages,
+            temperature=body.temperature,
+            max_tokens=body.max_tokens or body.max_completion_tokens,
+            seed=body.seed,
+            stop=body.stop_sequences,
+            headers={DEPTH_HEADER: str(depth + 1)},
+            tools=tools,
+            tool_choice=choice,
+        )
+        budget = Budget(body.max_cost) if body.max_cost is not None else None
+
         async def run() -> AsyncIterator[Output]:
-            failure: APIError | None = None
-            for model_id in candidates:
-                provider, model = self.registry.resolve(model_id)
-                request = CompletionRequest(
-                    model=model,
-                    messages=messages,
-                    temperature=body.temperature,
-                    max_tokens=body.max_tokens or body.max_completion_tokens,
-                    seed=body.seed,
-                    stop=body.stop_sequences,
-                    headers={DEPTH_HEADER: str(depth + 1)},
-                    tools=tools,
-                    tool_choice=choice,
-                )
-                sent = False
-                try:
-                    if body.stream and not tools:
-                        usage, finish = Usage(cost=None), "stop"
-                        async for chunk in provider.stream(request):
-                            if chunk.delta:
-                                sent = True
-                                yield Text(chunk.delta)
-                            usage = chunk.usage or usage
-                            finish = chunk.finish_reason or finish
-                        yield Final(usage, {"call": usage.cost}, fusion_note, finish)
-                    else:
-                        done = await provider.complete(request)
-                        yield Text(done.content)
-                        finish = "tool_calls" if done.tool_calls else done.finish_reason or "stop"
-                        yield Final(
-                            done.usage,
-                            {"call": done.usage.cost},
-                            fusion_note,
-                            finish,
-                            done.tool_calls,
-                        )
+            try:
+                if body.stream and not tools:
+                    usage, finish = Usage(cost=None), "stop"
+                    async for chunk in self.caller.stream(candidates, request, budget):
+                        if chunk.delta:
+                            yield Text(chunk.delta)
+                        usage = chunk.usage or usage
+                        finish = chunk.finish_reason or finish
+                    yield Final(usage, {"call": usage.cost}, fusion_note, finish)
                     return
-                except ProviderError as exc:
-                    failure = from_provider(exc, model_id)
-                    if sent:  # half an answer is out: no fallback can take it back
-                        raise failure from exc
-            assert failure is not None
-            raise failure
+                call = await self.caller.complete(candidates, request, budget)
+            except ProviderError as exc:
+                raise from_provider(exc, candidates[0]) from exc
+            done = call.completion
+            yield Text(done.content)
+            yield Final(
+                done.usage,
+                {"call": done.usage.cost},
+                fusion_note,
+                "tool_calls" if done.tool_calls else done.finish_reason or "stop",
+                done.tool_calls,
+            )
 
         return run()
 
@@ -246,13 +244,12 @@ class Completions:
         body: ChatCompletionRequest,
         depth: int,
     ) -> AsyncIterator[Output]:
-        provider, model = self.registry.resolve(body.model)
         forced = body.tool_choice == "required" or (
             isinstance(body.tool_choice, dict)
             and body.tool_choice.get("function", {}).get("name") == "fusion"
         )
         base = CompletionRequest(
-            model=model,
+            model="",
             messages=messages,
             temperature=body.temperature,
             max_tokens=body.max_tokens or body.max_completion_tokens,
@@ -260,12 +257,14 @@ class Completions:
             headers={DEPTH_HEADER: str(depth + 1)},
             tools=(FUSION_TOOL,),
         )
+        caller = [body.model]
         try:
-            first = await provider.complete(
-                dataclasses.replace(base, tool_choice="required" if forced else "auto")
+            first_call = await self.caller.complete(
+                caller, dataclasses.replace(base, tool_choice="required" if forced else "auto")
             )
         except ProviderError as exc:
             raise from_provider(exc, body.model) from exc
+        first = first_call.completion
         call = next((c for c in first.tool_calls if c.name == "fusion"), None)
         if call is None and not forced:  # the caller judged the prompt not worth a panel
             yield Text(first.content)
@@ -275,7 +274,10 @@ class Completions:
             call = ToolCall("call_fusion", "fusion", json.dumps({"prompt": _last_user(messages)}))
         prompt = _tool_prompt(call) or _last_user(messages)
         result: FusionResult | None = None
-        async for event in fusion.stream(prompt, temperature=body.temperature, synthesise=False):
+        events = fusion.stream(
+            prompt, temperature=body.temperature, synthesise=False, max_cost=body.max_cost
+        )
+        async for event in events:
             if isinstance(event, MemberEvent | StageEvent):
                 yield Progress(event)
             elif isinstance(event, Done):
@@ -293,7 +295,7 @@ class Completions:
         )
         usage = Usage(cost=None)
         try:
-            async for chunk in provider.stream(final_request):
+            async for chunk in self.caller.stream(caller, final_request):
                 if chunk.delta:
                     yield Text(chunk.delta)
                 usage = chunk.usage or usage

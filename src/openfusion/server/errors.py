@@ -36,7 +36,7 @@ def from_validation(exc: ValidationError) -> APIError:
 def from_provider(exc: ProviderError, model: str) -> APIError:
     """Map a failed upstream call to our status; the upstream's own text is kept."""
     status = 502
-    if exc.reason == "insufficient_credits":
+    if exc.reason in ("insufficient_credits", "budget"):
         status = 402
     elif exc.reason == "rate_limited":
         status = 429

@@ -126,6 +126,8 @@ class ChatCompletionRequest(_Edge):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     n: int | None = Field(None, ge=1, le=1)
+    max_cost: float | None = Field(None, gt=0)
+    """USD: calls that could overrun it are not started (openfusion's own field)."""
 
     @field_validator("messages")
     @classmethod

@@ -54,7 +54,8 @@ class ChunkEncoder:
         return b"data: " + json.dumps({**self._head, **fields}).encode() + b"\n\n"
 
 
-def progress(event: MemberEvent | StageEvent) -> bytes:
+def progress(event: MemberEvent | StageEvent, cost_so_far: float | None) -> bytes:
+    """A progress comment; ``cost_so_far`` is the run's running total (None: not known)."""
     if isinstance(event, MemberEvent):
         data: dict[str, Any] = {"type": "panel", "index": event.index, "model": event.name}
     else:
@@ -62,6 +63,7 @@ def progress(event: MemberEvent | StageEvent) -> bytes:
     data.update(state=event.state, seconds=round(event.elapsed, 3), reason=event.reason)
     if event.usage is not None:
         data.update(tokens=event.usage.completion_tokens, cost=event.usage.cost)
+    data["cost_so_far"] = cost_so_far
     return b": openfusion-progress " + json.dumps(data).encode() + b"\n\n"
 
 
