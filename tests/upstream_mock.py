@@ -5,6 +5,7 @@
         up.queue.append(Reply(status=429, error={"message": "slow down"}))  # next request only
         ... point a provider at up.base_url ...
         up.requests[0].headers["Authorization"]
+        up.disconnects                                 # clients that left during a delay
 
 A request takes the first queued ``Reply``, else the one for its model, else ``up.default``.
 ``stream: true`` requests get server-sent events: the content in small chunks, a finish chunk,
@@ -64,6 +65,8 @@ class MockUpstream:
         self.replies: dict[str, Reply] = {}
         self.queue: deque[Reply] = deque()
         self.requests: list[RecordedRequest] = []
+        self.disconnects = 0
+        """Requests whose client went away while their ``Reply.delay`` ran (handler cancelled)."""
         self.base_url = ""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
@@ -99,7 +102,11 @@ class MockUpstream:
         model = body.get("model", "") if isinstance(body, dict) else ""
         reply = self.queue.popleft() if self.queue else self.replies.get(model, self.default)
         if reply.delay:
-            await asyncio.sleep(reply.delay)
+            try:
+                await asyncio.sleep(reply.delay)
+            except asyncio.CancelledError:
+                self.disconnects += 1
+                raise
         if reply.reset and reply.cut_after is None:
             _drop(request)
         if reply.body is not None:
