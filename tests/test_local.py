@@ -16,6 +16,7 @@ from openfusion.cli import main
 from openfusion.engine.judge import Analysis, analysis_schema
 from openfusion.providers.local import LocalProvider, create
 from openfusion.settings import ProviderConfig
+from openfusion.types import ToolSpec
 
 pytest.importorskip("llama_cpp", reason="the [local] extra (llama-cpp-python) is not installed")
 pytestmark = pytest.mark.local_model
@@ -119,3 +120,43 @@ def test_ask_on_the_local_preset_end_to_end() -> None:
     assert data["content"].strip()
     assert data["usage"]["total_tokens"] > 0
     assert data["usage"]["cost"] == 0.0
+
+
+async def test_offered_tools_the_base_model_writes_a_tool_call(local: LocalProvider) -> None:
+    spec = ToolSpec(
+        "web_search",
+        "Search for documents.",
+        {
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "max_results": {"type": "integer"}},
+            "required": ["query"],
+        },
+    )
+    completion = await local.complete(
+        ask(
+            "Who wrote Emma?", max_tokens=48, temperature=0.0, tools=(spec,), tool_choice="required"
+        )
+    )
+    (call,) = completion.tool_calls
+    assert call.name == "web_search"
+    arguments = json.loads(call.arguments)
+    assert set(arguments) == {"query"}  # optional arguments keep their defaults
+    assert arguments["query"].strip()
+
+
+def test_offline_demo_searches_the_index(tmp_path: Path) -> None:
+    """The README's demo: `openfusion index DOCS`, then `ask` on the local preset."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "emma.md").write_text("# Emma\n\nEmma is a novel by Jane Austen, published in 1815.\n")
+    indexed = CliRunner().invoke(main, ["index", str(docs)])
+    assert indexed.exit_code == 0, indexed.output
+    result = CliRunner().invoke(main, ["ask", "--json", "Who wrote the novel Emma?"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    calls = [c for r in data["responses"] for c in r["tool_calls"]]
+    assert calls and all(c["name"] == "web_search" for c in calls)
+    assert "web_search(" in result.stderr  # the progress shows the calls
+    assert data["sources"], "the search found the indexed file"
+    for source in data["sources"]:
+        assert Path(source["url"].removeprefix("file://")).is_file()

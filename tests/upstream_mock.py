@@ -3,11 +3,16 @@
     async with MockUpstream() as up:
         up.replies["slow-model"] = Reply(delay=5)      # per model
         up.queue.append(Reply(status=429, error={"message": "slow down"}))  # next request only
+        up.replies["flaky"] = in_turn(Reply(status=503), Reply())  # per model, in turn
+        up.replies["judge"] = lambda body: Reply(...)  # chosen by the request's JSON body
         ... point a provider at up.base_url ...
         up.requests[0].headers["Authorization"]
         up.disconnects                                 # clients that left during a delay
+        up.served                                      # completions served (billed), with cost
+        up.in_flight, up.open_connections              # requests running, TCP connections open
 
-A request takes the first queued ``Reply``, else the one for its model, else ``up.default``.
+A request takes the first queued ``Reply``, else the one for its model (a ``Reply``, or a
+function of the request body that returns one), else ``up.default``.
 ``stream: true`` requests get server-sent events: the content in small chunks, a finish chunk,
 a usage chunk and ``[DONE]``.
 """
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -50,6 +57,22 @@ class Reply:
     """Stream: end the response after this many content chunks (no finish, no [DONE])."""
     reset: bool = False
     """Drop the connection: before any response, or after ``cut_after`` chunks when streaming."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra response headers, e.g. ``{"Retry-After": "1"}``."""
+
+
+ReplySource = Reply | Callable[[Any], Reply]
+"""A ``Reply``, or a function of the request's JSON body that picks one."""
+
+
+def in_turn(*replies: Reply) -> Callable[[Any], Reply]:
+    """The replies one per request, in order; the last one then answers every later request."""
+    pending = deque(replies)
+
+    def next_reply(_body: Any) -> Reply:
+        return pending.popleft() if len(pending) > 1 else pending[0]
+
+    return next_reply
 
 
 @dataclass
@@ -57,16 +80,35 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     json: Any
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (``time.monotonic()``)."""
+
+    @property
+    def model(self) -> str:
+        return str(self.json.get("model", "")) if isinstance(self.json, dict) else ""
+
+
+@dataclass(frozen=True)
+class Served:
+    """A completion the upstream served, so billed: a 200 completion body, or a stream that
+    reached ``[DONE]`` (a cut stream is not one)."""
+
+    model: str
+    cost: float | None
+    stream: bool
 
 
 class MockUpstream:
     def __init__(self, default: Reply | None = None) -> None:
         self.default = default or Reply()
-        self.replies: dict[str, Reply] = {}
+        self.replies: dict[str, ReplySource] = {}
         self.queue: deque[Reply] = deque()
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         """Requests whose client went away while their ``Reply.delay`` ran (handler cancelled)."""
+        self.served: list[Served] = []
+        self.in_flight = 0
+        """Requests whose handler is still running."""
         self.base_url = ""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
@@ -83,6 +125,20 @@ class MockUpstream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._runner.cleanup()
 
+    @property
+    def open_connections(self) -> int:
+        """TCP connections from clients that are open on the server side (idle keep-alive ones
+        included); one leaves this count once the server has finished with it."""
+        server = self._runner.server
+        return 0 if server is None else len(server.connections)
+
+    def requests_for(self, model: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.model == model]
+
+    def reply_for(self, model: str, body: Any) -> Reply:
+        source = self.replies.get(model, self.default)
+        return source if isinstance(source, Reply) else source(body)
+
     def usage_dict(self, reply: Reply) -> dict[str, Any] | None:
         if reply.usage is None:
             return None
@@ -94,13 +150,20 @@ class MockUpstream:
         return usage
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
             body = None
         self.requests.append(RecordedRequest(request.path, dict(request.headers), body))
         model = body.get("model", "") if isinstance(body, dict) else ""
-        reply = self.queue.popleft() if self.queue else self.replies.get(model, self.default)
+        reply = self.queue.popleft() if self.queue else self.reply_for(model, body)
         if reply.delay:
             try:
                 await asyncio.sleep(reply.delay)
@@ -110,9 +173,11 @@ class MockUpstream:
         if reply.reset and reply.cut_after is None:
             _drop(request)
         if reply.body is not None:
-            return web.Response(status=reply.status, text=reply.body)
+            return web.Response(status=reply.status, text=reply.body, headers=reply.headers)
         if reply.error is not None:
-            return web.json_response({"error": reply.error}, status=reply.status)
+            return web.json_response(
+                {"error": reply.error}, status=reply.status, headers=reply.headers
+            )
         if isinstance(body, dict) and body.get("stream"):
             return await self._stream(request, reply, model)
         data: dict[str, Any] = {
@@ -129,11 +194,14 @@ class MockUpstream:
         }
         if (usage := self.usage_dict(reply)) is not None:
             data["usage"] = usage
-        return web.json_response(data, status=reply.status)
+        response = web.json_response(data, status=reply.status, headers=reply.headers)
+        if reply.status == 200:
+            self.served.append(Served(model, reply.cost, stream=False))
+        return response
 
     async def _stream(self, request: web.Request, reply: Reply, model: str) -> web.StreamResponse:
         resp = web.StreamResponse(
-            status=reply.status, headers={"Content-Type": "text/event-stream"}
+            status=reply.status, headers={**reply.headers, "Content-Type": "text/event-stream"}
         )
         await resp.prepare(request)
 
@@ -161,6 +229,8 @@ class MockUpstream:
             await event(None, usage=usage)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
+        if reply.status == 200:
+            self.served.append(Served(model, reply.cost, stream=True))
         return resp
 
 

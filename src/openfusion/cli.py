@@ -11,14 +11,17 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from openfusion.engine import (
     AnswerDelta,
@@ -28,14 +31,28 @@ from openfusion.engine import (
     FusionResult,
     MemberEvent,
     StageEvent,
+    ToolEvent,
 )
 from openfusion.errors import ConfigError, OpenFusionError
 from openfusion.presets import Preset, list_presets, load_preset
 from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
+from openfusion.store import BudgetStatus, SpendLedger, format_usd
 from openfusion.types import Usage
 
+T = TypeVar("T")
+
 STYLE = {"waiting": "dim", "running": "yellow", "done": "green", "failed": "red"}
+
+
+def _short(arguments: str, limit: int = 40) -> str:
+    """A tool call's arguments for one table cell: the values, cut to ``limit`` characters."""
+    try:
+        data = json.loads(arguments)
+        text = ", ".join(repr(v) for v in data.values()) if isinstance(data, dict) else arguments
+    except ValueError:
+        text = arguments
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _cost(cost: float | None) -> str:
@@ -50,6 +67,7 @@ class _Row:
     elapsed: float | None = None
     usage: Usage | None = None
     reason: str | None = None
+    tools: list[str] = field(default_factory=list)
 
     def seconds(self) -> str:
         if self.elapsed is not None:
@@ -66,6 +84,12 @@ class LiveView:
     rows: dict[str, _Row] = field(default_factory=dict)
 
     def update(self, event: FusionEvent) -> _Row | None:
+        if isinstance(event, ToolEvent):
+            row = self.rows.setdefault(f"panel{event.index}", _Row(event.name))
+            row.tools.append(
+                f"{event.tool}({_short(event.arguments)})" + ("" if event.ok else " ✗")
+            )
+            return None
         if isinstance(event, MemberEvent):
             key, label = f"panel{event.index}", event.name
         elif isinstance(event, StageEvent):
@@ -87,6 +111,8 @@ class LiveView:
         total = Usage()
         for row in self.rows.values():
             state = row.state if row.reason is None else f"{row.state}: {row.reason}"
+            if row.tools:
+                state += f" · {'; '.join(row.tools)}"
             table.add_row(
                 escape(row.name),
                 f"[{STYLE[row.state]}]{escape(state)}[/]",
@@ -185,6 +211,9 @@ async def _ask(
         ):
             async for event in events:
                 row = view.update(event)
+                if isinstance(event, ToolEvent) and not err.is_terminal:
+                    mark = "" if event.ok else " (failed)"
+                    err.print(f"{event.name}: {event.tool}({_short(event.arguments)}){mark}")
                 if not err.is_terminal and row is not None and row.state in ("done", "failed"):
                     reason = f" ({row.reason})" if row.reason else ""
                     err.print(f"{row.name}: {row.state}{reason} {row.seconds()}")
@@ -324,6 +353,33 @@ def _list_models() -> None:
 
 
 @main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def index(paths: tuple[Path, ...]) -> None:
+    """Index local documents (.md .txt .html .pdf) for the offline `web_search` (corpus)."""
+    from pydantic import ValidationError
+
+    from openfusion.settings import describe_validation_error
+    from openfusion.tools import ToolSettings, build_index, corpus_path
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        settings = Settings.load()
+        tool_settings = ToolSettings.model_validate(dict(settings.tools))
+        target = corpus_path(settings, tool_settings)
+        stats = build_index(list(paths), target, progress=lambda p: err.print(f"[dim]{p}[/]"))
+    except ValidationError as exc:
+        raise click.ClickException(f"[tools]: {describe_validation_error(exc)}") from exc
+    except OpenFusionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for path, why in stats.skipped:
+        err.print(f"[yellow]skipped[/] {path}: {why}")
+    click.echo(
+        f"indexed {stats.indexed} file(s) ({stats.chunks} chunks), {stats.unchanged} unchanged, "
+        f"{stats.removed} removed → {target}"
+    )
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
@@ -377,9 +433,55 @@ def _key_store() -> KeyStore:
         raise click.ClickException(str(exc)) from exc
 
 
+def _with_ledger(work: Callable[[SpendLedger], Awaitable[T]]) -> T:
+    """Run ``work`` on the spend ledger of the configured database."""
+
+    async def run() -> T:
+        async with SpendLedger(settings.database) as ledger:
+            return await work(ledger)
+
+    try:
+        settings = Settings.load()
+        return asyncio.run(run())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"the spend ledger's database failed: {exc}") from exc
+
+
+def _parse_budget(text: str) -> float | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        usd = float(text)
+    except ValueError:
+        usd = -1.0
+    if not (usd >= 0 and usd != float("inf")):
+        raise click.BadParameter(
+            f"{text!r}: give an amount of USD like 5 or 0.50, or `none` to remove the budget",
+            param_hint="USD",
+        )
+    return usd
+
+
+def _budget_line(status: BudgetStatus) -> str:
+    if status.limit_nano is None:
+        return f"no budget (spent {format_usd(status.spent_nano)})"
+    remaining = status.remaining_nano or 0
+    return (
+        f"budget {format_usd(status.limit_nano)}: spent {format_usd(status.spent_nano)}, "
+        f"remaining {format_usd(max(remaining, 0))}"
+    )
+
+
 @keys.command("create")
 @click.argument("name")
-def keys_create(name: str) -> None:
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0),
+    help="USD this key may spend in all (requests past it get 402); default: no limit.",
+)
+def keys_create(name: str, budget: float | None) -> None:
     """Create a key called NAME and print it (only the key goes to stdout)."""
     store = _key_store()
     try:
@@ -392,11 +494,51 @@ def keys_create(name: str) -> None:
         f"(only its hash is kept in {store.path}). Clients send `Authorization: Bearer <key>`.",
         err=True,
     )
+    if budget is not None:
+
+        async def limit(ledger: SpendLedger) -> BudgetStatus:
+            await ledger.set_budget(record.id, budget)
+            return await ledger.budget(record.id)
+
+        try:
+            status = _with_ledger(limit)
+        except click.ClickException as exc:
+            raise click.ClickException(
+                f"key {record.id} was created, but its budget was not set: {exc.message}. "
+                f"Set it with `openfusion keys budget {record.id} {budget}`"
+            ) from exc
+        click.echo(f"key {record.id}: {_budget_line(status)}", err=True)
+
+
+@keys.command("budget")
+@click.argument("id_or_name")
+@click.argument("usd")
+def keys_budget(id_or_name: str, usd: str) -> None:
+    """Set how many USD the key ID_OR_NAME may spend in all, or `none` for no limit.
+
+    What it has spent already counts: a budget below that refuses its next request (402).
+    """
+    amount = _parse_budget(usd)
+    try:
+        record = _key_store().find(id_or_name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if record is None:
+        raise click.ClickException(
+            f"no API key with id or name {id_or_name!r}: `openfusion keys list` shows them"
+        )
+
+    async def limit(ledger: SpendLedger) -> BudgetStatus:
+        await ledger.set_budget(record.id, amount)
+        return await ledger.budget(record.id)
+
+    click.echo(f"key {record.id} ({record.name}): {_budget_line(_with_ledger(limit))}")
 
 
 @keys.command("list")
 def keys_list() -> None:
-    """List the keys: id, name, created, revoked (never the key or its hash)."""
+    """List the keys: id, name, created, revoked, budget, spent, remaining (never the key or
+    its hash)."""
     store = _key_store()
     try:
         records = store.list()
@@ -405,12 +547,23 @@ def keys_list() -> None:
     if not records:
         click.echo("no API keys yet: create one with `openfusion keys create NAME`", err=True)
         return
+
+    async def statuses(ledger: SpendLedger) -> list[BudgetStatus]:
+        return [await ledger.budget(record.id) for record in records]
+
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("id", "name", "created", "revoked"):
+    for column in ("id", "name", "created", "revoked", "budget", "spent", "remaining"):
         table.add_column(column)
-    for record in records:
+    for record, status in zip(records, _with_ledger(statuses), strict=True):
+        remaining = status.remaining_nano
         table.add_row(
-            record.id, escape(record.name), record.created, "yes" if record.revoked else ""
+            record.id,
+            escape(record.name),
+            record.created,
+            "yes" if record.revoked else "",
+            "" if status.limit_nano is None else format_usd(status.limit_nano),
+            format_usd(status.spent_nano),
+            "" if remaining is None else format_usd(max(remaining, 0)),
         )
     Console(highlight=False).print(table)
 

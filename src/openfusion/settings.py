@@ -7,6 +7,8 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
 
     default_preset = "budget"          # else: "budget" when OPENROUTER_API_KEY is set, else "local"
     prompts_dir = "/path/to/templates" # optional; files here override the shipped templates
+    database_url = "postgresql+asyncpg://user@db/openfusion"  # spend ledger and budgets;
+                                       # default: SQLite, <config dir>/openfusion.db
 
     [providers.ollama]                 # any OpenAI-compatible server becomes "ollama/<model>"
     type = "openai_compat"
@@ -29,6 +31,8 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     max_depth = 1                      # fusion depth at which requests get one plain call
     keepalive_seconds = 3.0
     max_body_bytes = 1000000
+    default_reservation_usd = 1.0      # held per request on a key with a budget, w/o max_cost
+    reservation_ttl_seconds = 900.0    # older reservations (a crashed server's) stop counting
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from openfusion.errors import ConfigError
 ENV_CONFIG_DIR = "OPENFUSION_CONFIG_DIR"
 ENV_CACHE_DIR = "OPENFUSION_CACHE_DIR"
 ENV_PRESET = "OPENFUSION_PRESET"
+ENV_DATABASE_URL = "OPENFUSION_DATABASE_URL"
+DATABASE_FILE = "openfusion.db"
 
 
 class ProviderConfig(BaseModel):
@@ -92,6 +98,10 @@ class ServerSettings(BaseModel):
     keepalive_seconds: float = Field(3.0, gt=0)
     """Interval of ``: OPENFUSION PROCESSING`` comment lines while a stream has nothing to say."""
     max_body_bytes: int = Field(1_000_000, gt=0)
+    default_reservation_usd: float = Field(1.0, gt=0)
+    """Held against a key's budget by a request without ``max_cost`` (capped to what is left)."""
+    reservation_ttl_seconds: float = Field(900.0, gt=0)
+    """A reservation older than this (its server crashed) no longer counts against a budget."""
 
 
 class ConfigFile(BaseModel):
@@ -99,7 +109,10 @@ class ConfigFile(BaseModel):
 
     default_preset: str | None = None
     prompts_dir: Path | None = None
+    database_url: str | None = None
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    tools: dict[str, Any] = Field(default_factory=dict)
+    """The ``[tools]`` table, validated as ``openfusion.tools.ToolSettings`` where tools run."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: RetrySettings = Field(default_factory=RetrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
@@ -130,6 +143,10 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retries: RetrySettings = field(default_factory=RetrySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    tools: Mapping[str, Any] = field(default_factory=dict)
+    database_url: str | None = field(default=None, repr=False)
+    """SQLAlchemy async URL of the spend ledger; ``None``: SQLite in the config dir. Not in
+    ``repr``: it may hold a password."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
 
@@ -147,9 +164,16 @@ class Settings:
             prompts_dir=config.prompts_dir,
             timeouts=config.timeouts,
             retries=config.retries,
+            tools=config.tools,
             server=config.server,
+            database_url=env.get(ENV_DATABASE_URL) or config.database_url,
             env=env,
         )
+
+    @property
+    def database(self) -> str:
+        """The ledger's database URL: ``database_url``, else ``<config dir>/openfusion.db``."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.config_dir / DATABASE_FILE}"
 
     def api_key(self, env_var: str) -> str | None:
         return self.env.get(env_var) or None

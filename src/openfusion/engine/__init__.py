@@ -10,6 +10,7 @@ from openfusion.engine.result import (
     MemberFailure,
     MemberResponse,
     StageEvent,
+    ToolEvent,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "MemberFailure",
     "MemberResponse",
     "StageEvent",
+    "ToolEvent",
 ]

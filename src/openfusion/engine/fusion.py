@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from pydantic import ValidationError
+
+from openfusion.engine import citations
 from openfusion.engine.budget import Budget
 from openfusion.engine.judge import (
     AnalysisError,
@@ -25,6 +28,7 @@ from openfusion.engine.judge import (
     anonymise,
     parse_analysis,
 )
+from openfusion.engine.member import answer_with_tools
 from openfusion.engine.panel import Member, gather_panel, members_of
 from openfusion.engine.policy import Caller
 from openfusion.engine.result import (
@@ -37,13 +41,15 @@ from openfusion.engine.result import (
     MemberFailure,
     MemberResponse,
     StageEvent,
+    ToolEvent,
 )
 from openfusion.errors import ConfigError, ProviderError
-from openfusion.presets import Preset, load_preset
+from openfusion.presets import MAX_TOOL_CALLS, Preset, ToolUse, load_preset
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
-from openfusion.settings import Settings
-from openfusion.types import CompletionRequest, Message, Usage
+from openfusion.settings import Settings, describe_validation_error
+from openfusion.tools import ToolRegistry, ToolSettings, corpus_path, default_tools
+from openfusion.types import CompletionRequest, Message, ToolCall, Usage
 
 DEPTH_HEADER = "x-openrouter-fusion-depth"
 
@@ -74,6 +80,7 @@ class Fusion:
         registry: ProviderRegistry | None = None,
         prompts: PromptSet | None = None,
         caller: Caller | None = None,
+        tools: ToolRegistry | None = None,
         depth: int = 0,
         shuffle_seed: int | None = None,
     ) -> None:
@@ -91,6 +98,18 @@ class Fusion:
         self.depth = depth
         self._rng = random.Random(shuffle_seed)
         self._entered = False
+        self._tools = tools
+        self._tools_built = tools is not None
+
+    @property
+    def tools(self) -> ToolRegistry | None:
+        """The tools panel members may call: the given registry, else the configured built-ins
+        the preset allows (``web_search`` on the corpus only once ``openfusion index`` built
+        it). ``None`` when there are none."""
+        if not self._tools_built:
+            self._tools = _configured_tools(self.settings, self.preset.tools)
+            self._tools_built = True
+        return self._tools
 
     @classmethod
     def from_preset(
@@ -125,6 +144,7 @@ class Fusion:
                 self.registry.resolve(model_id)
         for model_id in self.preset.judges:
             self.registry.resolve(model_id)
+        _ = self.tools  # a bad [tools] setting (a search backend without its key) fails now
 
     async def run(
         self,
@@ -133,10 +153,17 @@ class Fusion:
         temperature: float | None = None,
         synthesise: bool = True,
         max_cost: float | None = None,
+        tools: Sequence[str] | None = None,
+        max_tool_calls: int | None = None,
     ) -> FusionResult:
         """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
         events = self.stream(
-            prompt, temperature=temperature, synthesise=synthesise, max_cost=max_cost
+            prompt,
+            temperature=temperature,
+            synthesise=synthesise,
+            max_cost=max_cost,
+            tools=tools,
+            max_tool_calls=max_tool_calls,
         )
         async for event in events:
             if isinstance(event, Done):
@@ -150,20 +177,26 @@ class Fusion:
         temperature: float | None = None,
         synthesise: bool = True,
         max_cost: float | None = None,
+        tools: Sequence[str] | None = None,
+        max_tool_calls: int | None = None,
     ) -> AsyncIterator[FusionEvent]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
         ``temperature`` overrides the panel's; ``synthesise=False`` stops after the analysis
         (for a caller model that writes the answer itself); ``max_cost`` (USD) is a budget: a
-        call that could overrun it is not started. Closing the iterator early cancels every
-        call still running.
+        call that could overrun it is not started; ``tools`` names the tools members may use
+        (``[]``: none) and ``max_tool_calls`` caps their calls (at most 16). Closing the
+        iterator early cancels every call still running.
         """
         messages = _as_messages(prompt)
         try:
             self.check()
             queue: asyncio.Queue[FusionEvent | None] = asyncio.Queue()
             budget = Budget(max_cost) if max_cost is not None else None
+            registry = self.tools if tools is None else _subset(self.tools, tools)
+            calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
             run = _Run(self, messages, temperature, budget, queue.put_nowait)
+            run.tools, run.max_tool_calls = registry, min(calls, MAX_TOOL_CALLS)
             task = asyncio.create_task(run.execute(synthesise))
             task.add_done_callback(lambda _: queue.put_nowait(None))
             try:
@@ -201,6 +234,10 @@ class _Run:
         self.emit = emit
         self.headers = {DEPTH_HEADER: str(fusion.depth + 1)}
         self.started = time.monotonic()
+        self.tools: ToolRegistry | None = None
+        self.max_tool_calls = 0
+        self.sources: list[tuple[str, str]] = []
+        """``(url, title)`` of every document a member's tool call returned, in order."""
 
     async def execute(self, synthesise: bool) -> None:
         members = members_of(self.preset.panel)
@@ -217,13 +254,21 @@ class _Run:
         analysis, analysed = await self.analyse(labelled)
         stages = {"panel": panel, "analysis": analysed.usage}
         error = analysed.error
+        sources = citations.number_sources(self.sources)
         content = ""
         if synthesise:
-            content, synthesised = await self.synthesise(labelled, analysis, responses[0].content)
+            content, synthesised = await self.synthesise(
+                labelled, analysis, responses[0].content, sources
+            )
             stages["synthesis"] = synthesised.usage
             error = error or synthesised.error
+        checked = citations.check(content, sources, responses)
+        if checked.content != content:  # the Sources list, streamed like the rest
+            self.emit(AnswerDelta(checked.content[len(content) :]))
+        if analysis is not None and checked.unverified:
+            analysis["unverified_citations"] = list(checked.unverified)
         failure = (_judge_reason(error.reason), error.message) if error else None
-        self.finish(responses, failures, content, analysis, stages, failure)
+        self.finish(responses, failures, checked.content, analysis, stages, failure, checked)
 
     def finish(
         self,
@@ -233,8 +278,10 @@ class _Run:
         analysis: dict[str, Any] | None,
         stages: dict[str, Usage],
         failure: tuple[FailureReason, str] | None,
+        checked: citations.Citations | None = None,
     ) -> None:
         error = failure is not None and failure[0] in PANEL_FAILURES
+        sources = citations.number_sources(self.sources)
         self.emit(
             Done(
                 FusionResult(
@@ -250,6 +297,11 @@ class _Run:
                     judge=self.preset.judge,
                     latency_ms=round((time.monotonic() - self.started) * 1000),
                     budget=self.budget.to_dict() if self.budget else None,
+                    sources=tuple(
+                        {"number": s.number, "title": s.title, "url": s.url} for s in sources
+                    ),
+                    annotations=checked.annotations if checked else (),
+                    unverified_citations=checked.unverified if checked else (),
                 )
             )
         )
@@ -264,6 +316,7 @@ class _Run:
             question=self.question,
             member_index=member.index,
             panel_size=len(self.preset.panel),
+            tools=list(self.tools.names) if self.tools and self.max_tool_calls else [],
         )
         request = CompletionRequest(
             model="",
@@ -275,9 +328,24 @@ class _Run:
             max_tokens=self.preset.limits.panel_max_tokens,
             headers=self.headers,
         )
+
+        def on_tool(call: ToolCall, ok: bool) -> None:
+            self.emit(ToolEvent(member.index, member.name, call.name, call.arguments, ok))
+
+        spent = Usage()  # an empty answer was still billed: it counts in the run's cost
         try:
-            call = await self.caller.complete(member.slot.models, request, self.budget)
-            if not call.completion.content.strip():
+            answer = await answer_with_tools(
+                self.caller,
+                member.slot.models,
+                request,
+                self.tools,
+                self.max_tool_calls,
+                first_call_required=self.preset.tools.first_call == "required",
+                budget=self.budget,
+                on_tool=on_tool,
+            )
+            spent = answer.usage
+            if not answer.content.strip():
                 raise ProviderError("the model returned an empty answer", reason="empty_completion")
         except ProviderError as exc:
             elapsed = time.monotonic() - started
@@ -288,17 +356,19 @@ class _Run:
                 exc.reason,
                 exc.status,
                 exc.message,
+                usage=spent,
                 tries=exc.tries,
             )
         elapsed = time.monotonic() - started
-        usage = call.completion.usage
-        self.emit(MemberEvent(member.index, member.name, "done", elapsed, usage=usage))
+        self.sources.extend((s.url, s.title) for s in answer.sources)
+        self.emit(MemberEvent(member.index, member.name, "done", elapsed, usage=answer.usage))
         return MemberResponse(
-            model=call.model,
+            model=answer.model,
             name=member.name,
-            content=call.completion.content.strip(),
-            usage=usage,
+            content=answer.content.strip(),
+            usage=answer.usage,
             latency_ms=round(elapsed * 1000),
+            tool_calls=answer.tool_calls,
         )
 
     def deadline(self, member: Member, waited: float) -> MemberFailure:
@@ -344,7 +414,11 @@ class _Run:
         return analysis, _Stage(usage)
 
     async def synthesise(
-        self, labelled: list[LabelledResponse], analysis: dict[str, Any] | None, fallback: str
+        self,
+        labelled: list[LabelledResponse],
+        analysis: dict[str, Any] | None,
+        fallback: str,
+        sources: list[citations.SourceRef],
     ) -> tuple[str, _Stage]:
         self.emit(StageEvent("synthesis", "running"))
         started = time.monotonic()
@@ -354,6 +428,7 @@ class _Run:
             responses=_for_template(labelled),
             analysis=analysis,
             analysis_json=_analysis_json(analysis, labelled),
+            sources=[{"number": s.number, "title": s.title, "url": s.url} for s in sources],
         )
         request = CompletionRequest(
             model="",
@@ -387,6 +462,34 @@ class _Run:
 
 
 PANEL_FAILURES = frozenset({"all_panels_failed", "rate_limited", "insufficient_credits"})
+
+
+def _configured_tools(settings: Settings, use: ToolUse) -> ToolRegistry | None:
+    if not use.enabled or use.max_tool_calls == 0:
+        return None
+    try:
+        tool_settings = ToolSettings.model_validate(dict(settings.tools))
+    except ValidationError as exc:
+        raise ConfigError(f"[tools] in config.toml: {describe_validation_error(exc)}") from exc
+    registry = default_tools(settings, tool_settings)
+    names = [n for n in registry.names if use.allow is None or n in use.allow]
+    unbuilt_corpus = tool_settings.search_backend == "corpus" and not (
+        corpus_path(settings, tool_settings).exists()
+    )
+    if unbuilt_corpus:  # nothing to search yet: `openfusion index PATH` builds it
+        names = [n for n in names if n != "web_search"]
+    return _subset(registry, names)
+
+
+def _subset(registry: ToolRegistry | None, names: Sequence[str]) -> ToolRegistry | None:
+    """The registry's tools named in ``names`` (unknown names are ignored); None if none."""
+    if registry is None:
+        return None
+    subset = ToolRegistry(output_max_chars=registry.output_max_chars)
+    for tool in registry:
+        if tool.name in names:
+            subset.register(tool)
+    return subset if len(subset) else None
 
 
 def _as_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:

@@ -19,6 +19,29 @@ FailureReason = Literal[
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallRecord:
+    """One tool call a member made: what it asked, what came back (truncated), what it cost."""
+
+    name: str
+    arguments: str
+    result: str
+    cost: float | None
+    error: str | None = None
+    sources: tuple[str, ...] = ()
+    """URLs of the documents the call returned."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arguments": self.arguments,
+            "result": self.result,
+            "cost": self.cost,
+            "error": self.error,
+            "sources": list(self.sources),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class MemberResponse:
     """A panel member that answered."""
 
@@ -27,7 +50,9 @@ class MemberResponse:
     """Unique within the panel: the model id, with ``#k`` when one model fills several slots."""
     content: str
     usage: Usage
+    """Every model call of the member plus its tool calls' cost."""
     latency_ms: int
+    tool_calls: tuple[ToolCallRecord, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,7 +62,7 @@ class MemberResponse:
             "usage": self.usage.to_dict(),
             "cost": self.usage.cost,
             "latency_ms": self.latency_ms,
-            "tool_calls": [],
+            "tool_calls": [call.to_dict() for call in self.tool_calls],
         }
 
 
@@ -81,6 +106,12 @@ class FusionResult:
     latency_ms: int
     budget: dict[str, Any] | None = None
     """With ``max_cost``: the limit, what was spent, and the models not started because of it."""
+    sources: tuple[dict[str, Any], ...] = ()
+    """Documents the run retrieved, numbered as the answer cites them: ``[1]`` is the first."""
+    annotations: tuple[dict[str, Any], ...] = ()
+    """OpenAI-style ``url_citation`` annotations of the answer's verified ``[n]`` citations."""
+    unverified_citations: tuple[dict[str, str], ...] = ()
+    """Citations (``[n]`` or URLs) in the answers that no tool call of this run retrieved."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +126,9 @@ class FusionResult:
             "latency_ms": self.latency_ms,
             "usage": {**self.usage.to_dict(), "cost_details": self.cost_details},
             "budget": self.budget,
+            "sources": list(self.sources),
+            "annotations": list(self.annotations),
+            "unverified_citations": list(self.unverified_citations),
         }
 
 
@@ -116,6 +150,17 @@ class MemberEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolEvent:
+    """A panel member called a tool (sent when the call is done)."""
+
+    index: int
+    name: str
+    tool: str
+    arguments: str
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
 class StageEvent:
     stage: StageName
     state: StageState
@@ -134,4 +179,4 @@ class Done:
     result: FusionResult
 
 
-FusionEvent = MemberEvent | StageEvent | AnswerDelta | Done
+FusionEvent = MemberEvent | ToolEvent | StageEvent | AnswerDelta | Done

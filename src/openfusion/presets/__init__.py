@@ -25,6 +25,12 @@ seeds and temperatures) judged by the same model. A preset file::
     analysis_items = 5            # entries per list in the analysis
     analysis_chars = 300          # characters per text in the analysis
 
+    [tools]                       # optional: what panel members may call
+    enabled = true
+    allow = ["web_search", "web_fetch"]   # default: every configured tool
+    max_tool_calls = 8            # per member, at most 16
+    first_call = "auto"           # "required": search before answering
+
     [prompts]                     # optional, template overrides, paths relative to this file
     synthesis = "my_synthesis.j2"
 """
@@ -37,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,6 +65,22 @@ class Limits(BaseModel):
     """At most this many entries in each list of the judge's analysis."""
     analysis_chars: int = Field(300, gt=0)
     """At most this many characters in each text of the judge's analysis."""
+
+
+MAX_TOOL_CALLS = 16
+
+
+class ToolUse(BaseModel):
+    """Which tools panel members may call, and how often."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    allow: tuple[str, ...] | None = None
+    """Tool names offered (``None``: every configured tool)."""
+    max_tool_calls: int = Field(8, ge=0, le=MAX_TOOL_CALLS)
+    first_call: Literal["auto", "required"] = "auto"
+    """``required``: members must search before they answer (for models that would not)."""
 
 
 class _Slot(BaseModel):
@@ -90,6 +113,7 @@ class _PresetFile(BaseModel):
     judge_fallbacks: list[str] = Field(default_factory=list, max_length=MAX_PANEL)
     panel: list[_Slot] = Field(min_length=1, max_length=MAX_PANEL)
     policy: PanelPolicy = Field(default_factory=PanelPolicy)
+    tools: ToolUse = Field(default_factory=ToolUse)
     limits: Limits = Field(default_factory=Limits)
     prompts: dict[str, str] = Field(default_factory=dict)
 
@@ -118,6 +142,7 @@ class Preset:
     """Template overrides: template name → file."""
     judge_fallbacks: tuple[str, ...] = ()
     policy: PanelPolicy = field(default_factory=PanelPolicy)
+    tools: ToolUse = field(default_factory=ToolUse)
 
     @property
     def judges(self) -> tuple[str, ...]:
@@ -183,5 +208,6 @@ def _parse(name: str, text: str, where: str, base_dir: Path | None) -> Preset:
         limits=data.limits,
         judge_fallbacks=tuple(data.judge_fallbacks),
         policy=data.policy,
+        tools=data.tools,
         prompts={k: (base_dir or Path()) / v for k, v in data.prompts.items()},
     )

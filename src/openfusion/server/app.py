@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from openfusion.engine import DEPTH_HEADER
+from openfusion.engine import DEPTH_HEADER, ToolEvent
 from openfusion.errors import ConfigError
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
@@ -39,8 +39,10 @@ from openfusion.server.completions import (
     Text,
 )
 from openfusion.server.errors import APIError, from_validation
+from openfusion.server.spend import MeteredRun, Metering
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
 from openfusion.settings import Settings
+from openfusion.store import SpendLedger
 from openfusion.types import Usage
 
 log = logging.getLogger("openfusion.server")
@@ -75,25 +77,39 @@ class Generations:
 
 
 class Server:
-    def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
+    def __init__(self, settings: Settings, registry: ProviderRegistry, ledger: SpendLedger) -> None:
         self.settings = settings
         self.registry = registry
         self.completions = Completions(settings, registry)
         self.generations = Generations()
+        self.metering = Metering(ledger, settings.server.default_reservation_usd)
 
     async def chat(self, request: Request) -> Response:
         body = self._parse(await self._read_body(request))
         depth = _depth(request)
-        outputs = self.completions.plan(body, depth)
+        key = getattr(request.state, "api_key", None)
+        key_id: str | None = key.id if key is not None else None
         generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
+        # A key with a budget holds part of it first; the run may spend no more than that.
+        run = await self.metering.start(key_id, generation_id, body.model, body.max_cost)
+        try:
+            if run.reservation is not None:
+                body = body.model_copy(update={"max_cost": run.reservation.amount})
+            outputs = self.completions.plan(body, depth)
+        except BaseException:
+            await run.settle()
+            raise
         created = int(time.time())
         headers = {"X-Generation-Id": generation_id}
         if body.stream:
             encoder = ChunkEncoder(generation_id, body.model, created)
-            stream = self._sse(outputs, encoder, generation_id, body.model)
+            stream = self._sse(outputs, encoder, generation_id, body.model, run)
             headers["Cache-Control"] = "no-cache"
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        texts, final = await _until_disconnect(request, _collect(outputs))
+        try:
+            texts, final = await _until_disconnect(request, _collect(outputs, run))
+        finally:
+            await run.settle()
         self._record(generation_id, body.model, final, streamed=False)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
         if final.tool_calls:
@@ -118,18 +134,25 @@ class Server:
         return json_response(data, headers=headers)
 
     async def _sse(
-        self, outputs: AsyncIterator[Output], encoder: ChunkEncoder, generation_id: str, model: str
+        self,
+        outputs: AsyncIterator[Output],
+        encoder: ChunkEncoder,
+        generation_id: str,
+        model: str,
+        run: MeteredRun,
     ) -> AsyncIterator[bytes]:
-        yield encoder.role()
         spent = Usage()
         try:
+            yield encoder.role()
             async for item in with_keepalive(outputs, self.settings.server.keepalive_seconds):
+                run.see(item)
                 if item is None:
                     yield KEEPALIVE
                 elif isinstance(item, Text):
                     yield encoder.text(item.delta)
                 elif isinstance(item, Progress):
-                    spent += item.event.usage or Usage()
+                    if not isinstance(item.event, ToolEvent):  # tools count in their member
+                        spent += item.event.usage or Usage()
                     yield progress(item.event, spent.cost)
                 else:
                     self._record(generation_id, model, item, streamed=True)
@@ -140,6 +163,8 @@ class Server:
         except Exception:  # the status line is gone: the error has to travel as an event
             log.exception("stream %s failed", generation_id)
             yield encoder.error(APIError(500, "internal error; see the server log"))
+        finally:  # also when the client went away (the stream is cancelled or closed)
+            await run.settle()
         yield DONE
 
     def _record(self, generation_id: str, model: str, final: Final, *, streamed: bool) -> None:
@@ -253,10 +278,11 @@ def _depth(request: Request) -> int:
     return 0
 
 
-async def _collect(outputs: AsyncIterator[Output]) -> tuple[list[str], Final]:
+async def _collect(outputs: AsyncIterator[Output], run: MeteredRun) -> tuple[list[str], Final]:
     texts: list[str] = []
     final: Final | None = None
     async for item in outputs:
+        run.see(item)
         if isinstance(item, Text):
             texts.append(item.delta)
         elif isinstance(item, Final):
@@ -291,17 +317,27 @@ def create_app(
     *,
     registry: ProviderRegistry | None = None,
     key_store: KeyStore | None = None,
+    ledger: SpendLedger | None = None,
 ) -> ASGIApp:
-    """The app; API keys come from ``key_store`` (default: the config dir's key file)."""
+    """The app; API keys come from ``key_store`` (default: the config dir's key file), spend
+    and budgets from ``ledger`` (default: ``settings.database``)."""
     settings = settings or Settings.load()
     registry = registry or ProviderRegistry(settings)
     key_store = key_store or KeyStore.for_settings(settings)
-    server = Server(settings, registry)
+    ledger = ledger or SpendLedger(
+        settings.database, reservation_ttl=settings.server.reservation_ttl_seconds
+    )
+    server = Server(settings, registry, ledger)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await registry.aclose()
+        await ledger.init()
+        try:
+            yield
+        finally:
+            await server.metering.drain()
+            await ledger.aclose()
+            await registry.aclose()
 
     def handle(
         endpoint: Callable[[Request], Awaitable[Response]],

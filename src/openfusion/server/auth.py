@@ -133,12 +133,17 @@ class KeyStore:
     def list(self) -> builtins.list[KeyRecord]:
         return builtins.list(self._load())
 
+    def find(self, id_or_name: str) -> KeyRecord | None:
+        """The key with this id, else the active key with this name."""
+        records = self._load()
+        return next((r for r in records if r.id == id_or_name), None) or next(
+            (r for r in records if r.name == id_or_name and not r.revoked), None
+        )
+
     def revoke(self, id_or_name: str) -> KeyRecord:
         """Revoke a key by id, or the active key with that name. Revoking twice is harmless."""
         records = self._load()
-        match = next((r for r in records if r.id == id_or_name), None) or next(
-            (r for r in records if r.name == id_or_name and not r.revoked), None
-        )
+        match = self.find(id_or_name)
         if match is None:
             raise ConfigError(
                 f"no API key with id or name {id_or_name!r} (revoked keys match by id only): "

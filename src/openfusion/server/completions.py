@@ -29,7 +29,10 @@ from openfusion.engine import (
     Fusion,
     FusionResult,
     MemberEvent,
+    MemberFailure,
+    MemberResponse,
     StageEvent,
+    ToolEvent,
 )
 from openfusion.engine.budget import Budget
 from openfusion.engine.policy import Caller
@@ -66,7 +69,7 @@ class Text:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    event: MemberEvent | StageEvent
+    event: MemberEvent | StageEvent | ToolEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,7 @@ class Final:
     finish_reason: str = "stop"
     tool_calls: tuple[ToolCall, ...] = ()
     responses: list[dict[str, Any]] = field(default_factory=list)
+    annotations: tuple[dict[str, Any], ...] = ()
 
 
 Output = Text | Progress | Final
@@ -169,9 +173,14 @@ class Completions:
     async def _fusion(
         self, fusion: Fusion, messages: tuple[Message, ...], body: ChatCompletionRequest
     ) -> AsyncIterator[Output]:
-        events = fusion.stream(messages, temperature=body.temperature, max_cost=body.max_cost)
+        events = fusion.stream(
+            messages,
+            temperature=body.temperature,
+            max_cost=body.max_cost,
+            **_tool_options(body.fusion_params),
+        )
         async for event in events:
-            if isinstance(event, MemberEvent | StageEvent):
+            if isinstance(event, MemberEvent | StageEvent | ToolEvent):
                 yield Progress(event)
             elif isinstance(event, AnswerDelta):
                 yield Text(event.text)
@@ -183,6 +192,7 @@ class Completions:
                     result.cost_details,
                     fusion_object(result),
                     responses=_cost_lines(result),
+                    annotations=result.annotations,
                 )
 
     def _plain(
@@ -275,10 +285,14 @@ class Completions:
         prompt = _tool_prompt(call) or _last_user(messages)
         result: FusionResult | None = None
         events = fusion.stream(
-            prompt, temperature=body.temperature, synthesise=False, max_cost=body.max_cost
+            prompt,
+            temperature=body.temperature,
+            synthesise=False,
+            max_cost=body.max_cost,
+            **_tool_options(body.fusion_params),
         )
         async for event in events:
-            if isinstance(event, MemberEvent | StageEvent):
+            if isinstance(event, MemberEvent | StageEvent | ToolEvent):
                 yield Progress(event)
             elif isinstance(event, Done):
                 result = event.result
@@ -310,6 +324,27 @@ class Completions:
         )
 
 
+def _tool_options(params: FusionParams | None) -> dict[str, Any]:
+    """The fusion parameters' ``tools`` (names allowed; ``[]``: none) and ``max_tool_calls``.
+
+    A tool is named by a string, ``{"type": name}``, ``{"name": name}`` or an OpenAI function
+    entry ``{"type": "function", "function": {"name": name}}``.
+    """
+    options: dict[str, Any] = {}
+    if params is None:
+        return options
+    if params.tools is not None:
+        names = []
+        for entry in params.tools:
+            function = entry.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            names.append(name or entry.get("name") or entry.get("type"))
+        options["tools"] = [n for n in names if isinstance(n, str)]
+    if params.max_tool_calls is not None:
+        options["max_tool_calls"] = params.max_tool_calls
+    return options
+
+
 def _check(fusion: Fusion) -> None:
     try:
         fusion.check()
@@ -338,9 +373,13 @@ def _raise_if_failed(result: FusionResult) -> None:
 
 
 def _cost_lines(result: FusionResult) -> list[dict[str, Any]]:
+    """Per panel member: what it cost — failed members too, when they were billed (an
+    empty answer is), so the lines add up to the panel's cost."""
+    members: list[MemberResponse | MemberFailure] = [*result.responses]
+    members += [f for f in result.failed_models if f.usage.cost != 0.0]
     return [
-        {"model": r.model, "name": r.name, "cost": r.usage.cost, **r.usage.to_dict()}
-        for r in result.responses
+        {"model": m.model, "name": m.name, "cost": m.usage.cost, **m.usage.to_dict()}
+        for m in members
     ]
 
 

@@ -77,6 +77,7 @@ class FusionParams(BaseModel):
     preset: str | None = None
     max_tool_calls: int | None = Field(None, ge=1, le=MAX_TOOL_CALLS)
     tools: list[dict[str, Any]] | None = None
+    """Tools panel members may use, e.g. ``[{"type": "web_search"}]``; ``[]`` turns them off."""
 
 
 class Plugin(FusionParams):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from typing import Any, TypeVar
 
-from openfusion.engine import MemberEvent, StageEvent
+from openfusion.engine import MemberEvent, StageEvent, ToolEvent
 from openfusion.server.errors import APIError
+from openfusion.types import ToolCall
 
 KEEPALIVE = b": OPENFUSION PROCESSING\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -44,8 +45,29 @@ class ChunkEncoder:
     def text(self, delta: str) -> bytes:
         return self._text_prefix + json.dumps(delta).encode() + self._text_suffix
 
-    def final(self, finish_reason: str, usage: dict[str, Any], extra: dict[str, Any]) -> bytes:
-        return self._event({"choices": [_choice({}, finish_reason)], "usage": usage, **extra})
+    def final(
+        self,
+        finish_reason: str,
+        usage: dict[str, Any],
+        extra: dict[str, Any],
+        delta: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The last chunk; ``delta`` carries what only the end knows (annotations)."""
+        choice = _choice(delta or {}, finish_reason)
+        return self._event({"choices": [choice], "usage": usage, **extra})
+
+    def tool_calls(self, calls: Sequence[ToolCall]) -> bytes:
+        """A chunk with the tool calls of a plain call (sent whole, before the last chunk)."""
+        deltas = [
+            {
+                "index": i,
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for i, c in enumerate(calls)
+        ]
+        return self._event({"choices": [_choice({"tool_calls": deltas}, None)]})
 
     def error(self, error: APIError) -> bytes:
         return self._event({**error.body(), "choices": [_choice({}, "error")]})
@@ -54,8 +76,12 @@ class ChunkEncoder:
         return b"data: " + json.dumps({**self._head, **fields}).encode() + b"\n\n"
 
 
-def progress(event: MemberEvent | StageEvent, cost_so_far: float | None) -> bytes:
+def progress(event: MemberEvent | StageEvent | ToolEvent, cost_so_far: float | None) -> bytes:
     """A progress comment; ``cost_so_far`` is the run's running total (None: not known)."""
+    if isinstance(event, ToolEvent):
+        tool = {"type": "tool", "index": event.index, "model": event.name, "tool": event.tool}
+        tool.update(arguments=event.arguments, ok=event.ok, cost_so_far=cost_so_far)
+        return b": openfusion-progress " + json.dumps(tool).encode() + b"\n\n"
     if isinstance(event, MemberEvent):
         data: dict[str, Any] = {"type": "panel", "index": event.index, "model": event.name}
     else:

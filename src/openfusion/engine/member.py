@@ -1,0 +1,89 @@
+"""One panel member's tool loop: model → tool calls → results → model, then the answer.
+
+The member may call tools up to ``max_tool_calls`` times; once that many were made it is asked
+once more with no tools offered, so it always ends with an answer.
+Tool output reaches the model fenced as untrusted data (the registry does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from openfusion.engine.budget import Budget
+from openfusion.engine.policy import Caller
+from openfusion.engine.result import ToolCallRecord
+from openfusion.tools import Source, ToolRegistry
+from openfusion.types import CompletionRequest, Message, ToolCall, Usage
+
+RESULT_PREVIEW = 500
+"""Characters of each tool result kept in the member's record."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAnswer:
+    model: str
+    content: str
+    usage: Usage
+    tool_calls: tuple[ToolCallRecord, ...]
+    sources: tuple[Source, ...]
+
+
+async def answer_with_tools(
+    caller: Caller,
+    models: Sequence[str],
+    request: CompletionRequest,
+    tools: ToolRegistry | None,
+    max_tool_calls: int,
+    *,
+    first_call_required: bool = False,
+    budget: Budget | None = None,
+    on_tool: Callable[[ToolCall, bool], None] = lambda call, ok: None,
+) -> MemberAnswer:
+    messages = list(request.messages)
+    usage = Usage()
+    records: list[ToolCallRecord] = []
+    sources: list[Source] = []
+    made = 0
+    while True:
+        offer = tools is not None and len(tools) > 0 and made < max_tool_calls
+        choice = ("required" if first_call_required and made == 0 else "auto") if offer else None
+        turn = dataclasses.replace(
+            request,
+            messages=tuple(messages),
+            tools=tools.specs() if offer and tools is not None else (),
+            tool_choice=choice,
+        )
+        call = await caller.complete(models, turn, budget)
+        usage += call.completion.usage
+        wanted = call.completion.tool_calls if offer else ()
+        if not wanted:
+            return MemberAnswer(
+                call.model, call.completion.content, usage, tuple(records), tuple(sources)
+            )
+        messages.append(Message("assistant", call.completion.content, tool_calls=wanted))
+        for tool_call in wanted:
+            assert tools is not None
+            if made >= max_tool_calls:
+                content = (
+                    f"not run: the limit of {max_tool_calls} tool calls is reached; answer now"
+                )
+                messages.append(Message("tool", content, tool_call_id=tool_call.id))
+                continue
+            made += 1
+            result = await tools.call(tool_call.name, tool_call.arguments)
+            usage += Usage(cost=result.cost)
+            sources.extend(result.sources)
+            records.append(
+                ToolCallRecord(
+                    name=tool_call.name,
+                    arguments=tool_call.arguments,
+                    result=result.content[:RESULT_PREVIEW],
+                    cost=result.cost,
+                    error=result.error,
+                    sources=tuple(s.url for s in result.sources),
+                )
+            )
+            on_tool(tool_call, result.ok)
+            messages.append(Message("tool", result.content, tool_call_id=tool_call.id))
