@@ -180,3 +180,17 @@ async def test_web_search_is_offered_once_the_corpus_is_indexed(
     assert fusion.tools.names == ("web_search",)
     await fusion.run("q")
     assert [t.name for t in provider.calls[0].tools] == ["web_search"]
+
+
+async def test_a_member_failing_after_a_search_still_counts_its_spend(settings: Settings) -> None:
+    script = {
+        "a": [Step("", tool_calls=(search_call(),), cost=0.001), Step(status=400, error="nope")],
+        "judge": [Step(ANALYSIS), Step("Final.")],
+    }
+    fusion, _ = make(settings, script, lookup_registry([]), panel=("s/a", "s/b"))
+    fusion.registry.provider("s").script["b"] = Step("B answers.", cost=0.002)  # type: ignore[attr-defined, index]
+    result = await fusion.run("q")
+    (failure,) = result.failed_models
+    assert (failure.name, failure.message) == ("s/a", "nope")
+    assert failure.usage.cost == pytest.approx(0.001 + 0.01)  # the first turn and its search
+    assert result.cost_details["panel"] == pytest.approx(0.001 + 0.01 + 0.002)

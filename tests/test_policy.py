@@ -379,3 +379,18 @@ async def test_judge_fallback_takes_over(settings: Settings) -> None:
     assert result.failure_reason is None
     assert result.analysis is not None
     assert result.content == "Backup wrote this."
+
+
+async def test_a_budget_too_small_for_any_member_is_insufficient_credits(
+    settings: Settings,
+) -> None:
+    script = {"a": Step("A.", cost=None), "judge": Step(ANALYSIS, cost=None)}
+    provider = ScriptedProvider(script)  # type: ignore[arg-type]
+    registry = ProviderRegistry(settings)
+    registry.register("s", provider)
+    caller = Caller(registry, PriceCatalog({"s/a": Price(1.0, 1.0)}), policy=RetryPolicy(1))
+    preset = Preset("b", (PanelSlot("s/a"),), judge="s/judge")
+    result = await Fusion(preset, settings=settings, caller=caller).run("q", max_cost=0.01)
+    assert result.status == "error"
+    assert result.failure_reason == "insufficient_credits"  # a 402 over HTTP
+    assert provider.calls == []

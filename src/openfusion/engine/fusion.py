@@ -332,32 +332,34 @@ class _Run:
         def on_tool(call: ToolCall, ok: bool) -> None:
             self.emit(ToolEvent(member.index, member.name, call.name, call.arguments, ok))
 
-        spent = Usage()  # an empty answer was still billed: it counts in the run's cost
-        try:
-            answer = await answer_with_tools(
-                self.caller,
-                member.slot.models,
-                request,
-                self.tools,
-                self.max_tool_calls,
-                first_call_required=self.preset.tools.first_call == "required",
-                budget=self.budget,
-                on_tool=on_tool,
-            )
-            spent = answer.usage
-            if not answer.content.strip():
-                raise ProviderError("the model returned an empty answer", reason="empty_completion")
-        except ProviderError as exc:
+        answer = await answer_with_tools(
+            self.caller,
+            member.slot.models,
+            request,
+            self.tools,
+            self.max_tool_calls,
+            first_call_required=self.preset.tools.first_call == "required",
+            budget=self.budget,
+            on_tool=on_tool,
+        )
+        error = answer.error
+        if error is None and not answer.content.strip():
+            error = ProviderError("the model returned an empty answer", reason="empty_completion")
+        if error is not None:  # what the member spent before failing still counts
             elapsed = time.monotonic() - started
-            self.emit(MemberEvent(member.index, member.name, "failed", elapsed, reason=exc.reason))
+            self.emit(
+                MemberEvent(
+                    member.index, member.name, "failed", elapsed, answer.usage, error.reason
+                )
+            )
             return MemberFailure(
                 member.slot.model,
                 member.name,
-                exc.reason,
-                exc.status,
-                exc.message,
-                usage=spent,
-                tries=exc.tries,
+                error.reason,
+                error.status,
+                error.message,
+                usage=answer.usage,
+                tries=error.tries,
             )
         elapsed = time.monotonic() - started
         self.sources.extend((s.url, s.title) for s in answer.sources)
@@ -531,8 +533,8 @@ def _panel_failure(failures: Sequence[MemberFailure]) -> tuple[FailureReason, st
     reason: FailureReason = "all_panels_failed"
     if reasons == {"rate_limited"}:
         reason = "rate_limited"
-    elif reasons == {"insufficient_credits"}:
-        reason = "insufficient_credits"
+    elif reasons and reasons <= {"insufficient_credits", "budget"}:
+        reason = "insufficient_credits"  # out of credits upstream, or out of max_cost here
     detail = "; ".join(f"{f.name}: {f.reason} ({f.message})" for f in failures)
     return reason, f"too few panel members answered: {detail}"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from openfusion.engine.budget import Budget
 from openfusion.engine.policy import Caller
 from openfusion.engine.result import ToolCallRecord
+from openfusion.errors import ProviderError
 from openfusion.tools import Source, ToolRegistry
 from openfusion.types import CompletionRequest, Message, ToolCall, Usage
 
@@ -26,8 +27,10 @@ class MemberAnswer:
     model: str
     content: str
     usage: Usage
+    """Everything the member spent, also when it failed half-way (earlier turns were billed)."""
     tool_calls: tuple[ToolCallRecord, ...]
     sources: tuple[Source, ...]
+    error: ProviderError | None = None
 
 
 async def answer_with_tools(
@@ -46,6 +49,7 @@ async def answer_with_tools(
     records: list[ToolCallRecord] = []
     sources: list[Source] = []
     made = 0
+    model = models[0]
     while True:
         offer = tools is not None and len(tools) > 0 and made < max_tool_calls
         choice = ("required" if first_call_required and made == 0 else "auto") if offer else None
@@ -55,7 +59,11 @@ async def answer_with_tools(
             tools=tools.specs() if offer and tools is not None else (),
             tool_choice=choice,
         )
-        call = await caller.complete(models, turn, budget)
+        try:
+            call = await caller.complete(models, turn, budget)
+        except ProviderError as exc:
+            return MemberAnswer(model, "", usage, tuple(records), tuple(sources), exc)
+        model = call.model
         usage += call.completion.usage
         wanted = call.completion.tool_calls if offer else ()
         if not wanted:
