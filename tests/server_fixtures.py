@@ -30,6 +30,7 @@ from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step, StepSource
 from openfusion.server.app import create_app
 from openfusion.settings import Settings
+from openfusion.tools import ToolRegistry
 from openfusion.types import CompletionRequest
 
 ANALYSIS = {
@@ -202,6 +203,7 @@ def run_server(
     registry: ProviderRegistry | None = None,
     *,
     sock: socket.socket | None = None,
+    tools: ToolRegistry | None = None,
 ) -> Iterator[RunningServer]:
     """Serve ``create_app(settings, registry=registry)`` until the block ends.
 
@@ -212,7 +214,7 @@ def run_server(
     if registry is None:
         registry = ProviderRegistry(settings)
         registry.register("demo", demo_provider())
-    recorder = Recorder(create_app(settings, registry=registry))
+    recorder = Recorder(create_app(settings, registry=registry, tools=tools))
     sock = sock or bound_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import openai
 import pytest
 from openai import AsyncOpenAI
+from pydantic import Field
 from server_fixtures import (
     ANALYSIS,
     ANALYSIS_COST,
@@ -32,9 +33,11 @@ from upstream_mock import MockUpstream, Reply
 from openfusion.providers.scripted import Step
 from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
+from openfusion.tools import Source, Tool, ToolOutput, ToolRegistry
 from openfusion.types import ToolCall
 
 Serve = Callable[..., RunningServer]
+Keywords = Annotated[str, Field(description="keywords")]
 QUESTION = [{"role": "user", "content": "Who wrote Pride and Prejudice?"}]
 PANEL_ANSWERS = {"Jane Austen.", "Austen, in 1813.", "It was Jane Austen."}
 
@@ -555,3 +558,104 @@ def test_langchain_chat_openai(serve: Serve) -> None:
     message = llm.invoke("Who wrote Pride and Prejudice?")
     assert message.content == ANSWER
     assert sorted(demo.models_called()) == ["a", "b", "c", "judge", "judge"]
+
+
+# --- tool calls, citations, generation privacy ----------------------------------------------
+
+WEATHER = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_plain_call_returns_its_tool_calls(serve: Serve, stream: bool) -> None:
+    call = ToolCall("c9", "get_weather", '{"city": "Paris"}')
+    demo = setup_demo(tooly=Step("", tool_calls=(call,)))
+    server = serve(demo.settings, demo.registry)
+    async with sdk(server) as client:
+        if not stream:
+            done = await client.chat.completions.create(
+                model="demo/tooly",
+                messages=QUESTION,
+                tools=WEATHER,  # type: ignore[arg-type]
+            )
+            (got,) = done.choices[0].message.tool_calls or []
+            finish = done.choices[0].finish_reason
+        else:
+            chunks = [
+                c
+                async for c in await client.chat.completions.create(
+                    model="demo/tooly",
+                    messages=QUESTION,
+                    tools=WEATHER,
+                    stream=True,  # type: ignore[arg-type]
+                )
+            ]
+            calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+            (got,) = calls
+            finish = next(c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason)
+    assert (got.id, got.function.name, got.function.arguments) == (
+        call.id,
+        call.name,
+        call.arguments,
+    )  # type: ignore[union-attr]
+    assert finish == "tool_calls"
+
+
+async def lookup(query: Keywords) -> ToolOutput:
+    """Look a fact up."""
+    hit = Source("Austen", "https://books.example/austen", "Austen wrote it.", "test")
+    return ToolOutput(text="Austen wrote it.", sources=(hit,), cost=0.0)
+
+
+async def test_citations_arrive_as_url_citation_annotations(serve: Serve) -> None:
+    search = ToolCall("s1", "lookup", '{"query": "austen"}')
+    demo = setup_demo(
+        a=lambda r: Step("", tool_calls=(search,)) if r.tools else Step("Austen."),
+        judge=lambda r: Step(json.dumps(ANALYSIS)) if r.json_schema else Step("Jane Austen [1]."),
+    )
+    tools = ToolRegistry([Tool.from_function(lookup)])
+    server = serve(demo.settings, demo.registry, tools=tools)
+    async with sdk(server) as client:
+        done = await client.chat.completions.create(model="openfusion/demo", messages=QUESTION)
+    message = done.choices[0].message
+    assert message.content is not None
+    assert message.content.startswith("Jane Austen [1].")
+    assert "Sources:\n[1] Austen — https://books.example/austen" in message.content
+    (annotation,) = message.annotations or []
+    assert annotation.url_citation.url == "https://books.example/austen"
+    start, end = annotation.url_citation.start_index, annotation.url_citation.end_index
+    assert message.content[start:end] == "[1]"
+    assert extra(done)["fusion"]["responses"][0]["tool_calls"][0]["name"] == "lookup"
+
+
+async def test_a_key_reads_only_its_own_generations(serve: Serve) -> None:
+    demo = setup_demo()
+    store = KeyStore.for_settings(demo.settings)
+    _, alice = store.create("alice")
+    _, bob = store.create("bob")
+    server = serve(demo.settings, demo.registry)
+    async with sdk(server, api_key=alice) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="openfusion/demo", messages=QUESTION
+        )
+        generation_id = raw.headers["X-Generation-Id"]
+        mine = await client.get(
+            "/generation", cast_to=object, options={"params": {"id": generation_id}}
+        )
+    assert mine["data"]["id"] == generation_id  # type: ignore[index]
+    async with sdk(server, api_key=bob) as client:
+        with pytest.raises(openai.NotFoundError):
+            await client.get(
+                "/generation", cast_to=object, options={"params": {"id": generation_id}}
+            )
+
+
+async def test_a_bad_fallback_is_named_as_models(serve: Serve) -> None:
+    demo = setup_demo()
+    server = serve(demo.settings, demo.registry)
+    status, text = await raw_post(
+        server, {"model": "demo/a", "models": ["nowhere/x"], "messages": QUESTION}
+    )
+    assert status == 400
+    assert json.loads(text)["error"]["message"].startswith("models: unknown provider 'nowhere'")

@@ -44,7 +44,7 @@ from openfusion.engine.result import (
     ToolEvent,
 )
 from openfusion.errors import ConfigError, ProviderError
-from openfusion.presets import MAX_TOOL_CALLS, Preset, ToolUse, load_preset
+from openfusion.presets import MAX_TOOL_CALLS, Preset, load_preset
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.settings import Settings, describe_validation_error
@@ -98,18 +98,22 @@ class Fusion:
         self.depth = depth
         self._rng = random.Random(shuffle_seed)
         self._entered = False
-        self._tools = tools
-        self._tools_built = tools is not None
+        self._available = tools
 
     @property
     def tools(self) -> ToolRegistry | None:
-        """The tools panel members may call: the given registry, else the configured built-ins
-        the preset allows (``web_search`` on the corpus only once ``openfusion index`` built
-        it). ``None`` when there are none."""
-        if not self._tools_built:
-            self._tools = _configured_tools(self.settings, self.preset.tools)
-            self._tools_built = True
-        return self._tools
+        """The tools panel members may call: of the available ones (the registry given, else
+        the configured built-ins), those the preset allows — ``web_search`` on the corpus only
+        once ``openfusion index`` has built it. ``None`` when there are none."""
+        use = self.preset.tools
+        if not use.enabled or use.max_tool_calls == 0:
+            return None
+        if self._available is None:
+            self._available = configured_tools(self.settings)
+        names = [n for n in self._available.names if use.allow is None or n in use.allow]
+        if "web_search" in names and not _corpus_ready(self.settings):
+            names.remove("web_search")  # nothing to search yet: `openfusion index PATH`
+        return _subset(self._available, names)
 
     @classmethod
     def from_preset(
@@ -466,21 +470,21 @@ class _Run:
 PANEL_FAILURES = frozenset({"all_panels_failed", "rate_limited", "insufficient_credits"})
 
 
-def _configured_tools(settings: Settings, use: ToolUse) -> ToolRegistry | None:
-    if not use.enabled or use.max_tool_calls == 0:
-        return None
+def tool_settings(settings: Settings) -> ToolSettings:
     try:
-        tool_settings = ToolSettings.model_validate(dict(settings.tools))
+        return ToolSettings.model_validate(dict(settings.tools))
     except ValidationError as exc:
         raise ConfigError(f"[tools] in config.toml: {describe_validation_error(exc)}") from exc
-    registry = default_tools(settings, tool_settings)
-    names = [n for n in registry.names if use.allow is None or n in use.allow]
-    unbuilt_corpus = tool_settings.search_backend == "corpus" and not (
-        corpus_path(settings, tool_settings).exists()
-    )
-    if unbuilt_corpus:  # nothing to search yet: `openfusion index PATH` builds it
-        names = [n for n in names if n != "web_search"]
-    return _subset(registry, names)
+
+
+def configured_tools(settings: Settings) -> ToolRegistry:
+    """The built-in tools as ``[tools]`` in config.toml sets them up (build once, share)."""
+    return default_tools(settings, tool_settings(settings))
+
+
+def _corpus_ready(settings: Settings) -> bool:
+    config = tool_settings(settings)
+    return config.search_backend != "corpus" or corpus_path(settings, config).exists()
 
 
 def _subset(registry: ToolRegistry | None, names: Sequence[str]) -> ToolRegistry | None:

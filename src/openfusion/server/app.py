@@ -43,6 +43,7 @@ from openfusion.server.spend import MeteredRun, Metering
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
 from openfusion.settings import Settings
 from openfusion.store import SpendLedger
+from openfusion.tools import ToolRegistry
 from openfusion.types import Usage
 
 log = logging.getLogger("openfusion.server")
@@ -77,10 +78,16 @@ class Generations:
 
 
 class Server:
-    def __init__(self, settings: Settings, registry: ProviderRegistry, ledger: SpendLedger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ProviderRegistry,
+        ledger: SpendLedger,
+        tools: ToolRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self.completions = Completions(settings, registry)
+        self.completions = Completions(settings, registry, tools)
         self.generations = Generations()
         self.metering = Metering(ledger, settings.server.default_reservation_usd)
 
@@ -103,15 +110,17 @@ class Server:
         headers = {"X-Generation-Id": generation_id}
         if body.stream:
             encoder = ChunkEncoder(generation_id, body.model, created)
-            stream = self._sse(outputs, encoder, generation_id, body.model, run)
+            stream = self._sse(outputs, encoder, generation_id, body.model, run, key_id)
             headers["Cache-Control"] = "no-cache"
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             texts, final = await _until_disconnect(request, _collect(outputs, run))
         finally:
             await run.settle()
-        self._record(generation_id, body.model, final, streamed=False)
+        self._record(generation_id, body.model, final, streamed=False, key_id=key_id)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+        if final.annotations:
+            message["annotations"] = list(final.annotations)
         if final.tool_calls:
             message["tool_calls"] = [
                 {
@@ -140,6 +149,7 @@ class Server:
         generation_id: str,
         model: str,
         run: MeteredRun,
+        key_id: str | None,
     ) -> AsyncIterator[bytes]:
         spent = Usage()
         try:
@@ -155,9 +165,12 @@ class Server:
                         spent += item.event.usage or Usage()
                     yield progress(item.event, spent.cost)
                 else:
-                    self._record(generation_id, model, item, streamed=True)
+                    self._record(generation_id, model, item, streamed=True, key_id=key_id)
+                    if item.tool_calls:
+                        yield encoder.tool_calls(item.tool_calls)
                     extra = {"fusion": item.fusion} if item.fusion is not None else {}
-                    yield encoder.final(item.finish_reason, _usage(item), extra)
+                    delta = {"annotations": list(item.annotations)} if item.annotations else None
+                    yield encoder.final(item.finish_reason, _usage(item), extra, delta)
         except APIError as exc:
             yield encoder.error(exc)
         except Exception:  # the status line is gone: the error has to travel as an event
@@ -167,10 +180,13 @@ class Server:
             await run.settle()
         yield DONE
 
-    def _record(self, generation_id: str, model: str, final: Final, *, streamed: bool) -> None:
+    def _record(
+        self, generation_id: str, model: str, final: Final, *, streamed: bool, key_id: str | None
+    ) -> None:
         self.generations.add(
             {
                 "id": generation_id,
+                "key_id": key_id,
                 "model": model,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "streamed": streamed,
@@ -231,9 +247,11 @@ class Server:
         if not generation_id:
             raise APIError(400, "id: the query parameter is required, e.g. ?id=gen-...")
         record = self.generations.get(generation_id)
-        if record is None:
+        key = getattr(request.state, "api_key", None)
+        if record is None or (key is not None and record["key_id"] != key.id):
+            # Another key's generation is "not found" too: ids are not secrets to rely on.
             raise APIError(404, f"generation {generation_id!r} not found (or expired)")
-        return json_response({"data": record})
+        return json_response({"data": {k: v for k, v in record.items() if k != "key_id"}})
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -318,16 +336,18 @@ def create_app(
     registry: ProviderRegistry | None = None,
     key_store: KeyStore | None = None,
     ledger: SpendLedger | None = None,
+    tools: ToolRegistry | None = None,
 ) -> ASGIApp:
     """The app; API keys come from ``key_store`` (default: the config dir's key file), spend
-    and budgets from ``ledger`` (default: ``settings.database``)."""
+    and budgets from ``ledger`` (default: ``settings.database``), panel tools from ``tools``
+    (default: the built-ins ``[tools]`` configures)."""
     settings = settings or Settings.load()
     registry = registry or ProviderRegistry(settings)
     key_store = key_store or KeyStore.for_settings(settings)
     ledger = ledger or SpendLedger(
         settings.database, reservation_ttl=settings.server.reservation_ttl_seconds
     )
-    server = Server(settings, registry, ledger)
+    server = Server(settings, registry, ledger, tools)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

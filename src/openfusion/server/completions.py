@@ -35,6 +35,7 @@ from openfusion.engine import (
     ToolEvent,
 )
 from openfusion.engine.budget import Budget
+from openfusion.engine.fusion import configured_tools
 from openfusion.engine.policy import Caller
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
 from openfusion.presets import Preset, load_preset
@@ -42,6 +43,7 @@ from openfusion.providers import ProviderRegistry
 from openfusion.server.errors import APIError, from_provider
 from openfusion.server.schema import ChatCompletionRequest, FusionParams
 from openfusion.settings import Settings
+from openfusion.tools import ToolRegistry
 from openfusion.types import CompletionRequest, Message, ToolCall, ToolSpec, Usage
 
 FUSION_ALIAS = "openrouter/fusion"
@@ -100,14 +102,24 @@ def fusion_object(result: FusionResult) -> dict[str, Any]:
 
 
 class Completions:
-    def __init__(self, settings: Settings, registry: ProviderRegistry) -> None:
+    def __init__(
+        self, settings: Settings, registry: ProviderRegistry, tools: ToolRegistry | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.caller = Caller.from_settings(registry, settings)
         """One for the process: retries and fallbacks per call, breaker state across calls."""
+        self._tools = tools
 
     def _fusion_for(self, preset: Preset, depth: int) -> Fusion:
-        fusion = Fusion(preset, settings=self.settings, caller=self.caller, depth=depth)
+        if self._tools is None and preset.tools.enabled:
+            try:
+                self._tools = configured_tools(self.settings)  # once, for every request
+            except ConfigError as exc:
+                raise APIError(503, f"this server's [tools] setting fails: {exc}") from exc
+        fusion = Fusion(
+            preset, settings=self.settings, caller=self.caller, tools=self._tools, depth=depth
+        )
         _check(fusion)
         return fusion
 
@@ -126,6 +138,8 @@ class Completions:
             fusion = self._fusion_for(self._preset(FUSION_ALIAS, params), depth)
             self._resolve(body.model)
             return self._caller(fusion, messages, body, depth)
+        for fallback in body.models or ():
+            self._resolve(fallback, field="models")
         return self._plain([body.model, *(body.models or [])], messages, body, depth, None)
 
     # -- planning -------------------------------------------------------------------------
@@ -147,11 +161,11 @@ class Completions:
             raise _config_error(exc, model) from exc
         return preset
 
-    def _resolve(self, model_id: str) -> None:
+    def _resolve(self, model_id: str, field: str = "model") -> None:
         try:
             self.registry.resolve(model_id)
         except ConfigError as exc:
-            raise _config_error(exc, model_id) from exc
+            raise _config_error(exc, model_id, field) from exc
 
     def _limit_note(self, depth: int) -> dict[str, Any]:
         return {
@@ -352,11 +366,11 @@ def _check(fusion: Fusion) -> None:
         raise _config_error(exc, fusion.preset.name) from exc
 
 
-def _config_error(exc: ConfigError, model: str) -> APIError:
+def _config_error(exc: ConfigError, model: str, field: str = "model") -> APIError:
     """A missing upstream key is the operator's to fix (503); anything else is the request's."""
     if isinstance(exc, MissingAPIKeyError):
         return APIError(503, f"this server is not configured for it: {exc}", {"model": model})
-    return APIError(400, f"model: {exc}", {"model": model})
+    return APIError(400, f"{field}: {exc}", {"model": model})
 
 
 def _raise_if_failed(result: FusionResult) -> None:
