@@ -124,3 +124,10 @@ def test_models_lists_presets_and_providers(demo_config: Path) -> None:
     for text in ("local (default)", "budget", "quality", "demo", "self:<model>"):
         assert text in result.stdout
     assert "OPENROUTER_API_KEY not set" in result.stdout
+
+
+def test_serve_refuses_a_public_address_without_keys() -> None:
+    result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert result.exit_code == 1
+    assert "openfusion keys create" in result.stderr
+    assert "--insecure-no-auth" in result.stderr
