@@ -222,17 +222,7 @@ class Completions:
         tools = tuple(ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools)
         choice = body.tool_choice if isinstance(body.tool_choice, str) else None
 
-        request = CompletionRequest(
-            model="",
-            messages=messages,
-            temperature=body.temperature,
-            max_tokens=body.max_tokens or body.max_completion_tokens,
-            seed=body.seed,
-            stop=body.stop_sequences,
-            headers={DEPTH_HEADER: str(depth + 1)},
-            tools=tools,
-            tool_choice=choice,
-        )
+        request = _request(body, messages, depth, tools=tools, tool_choice=choice)
         budget = Budget(body.max_cost) if body.max_cost is not None else None
 
         async def run() -> AsyncIterator[Output]:
@@ -272,15 +262,7 @@ class Completions:
             isinstance(body.tool_choice, dict)
             and body.tool_choice.get("function", {}).get("name") == "fusion"
         )
-        base = CompletionRequest(
-            model="",
-            messages=messages,
-            temperature=body.temperature,
-            max_tokens=body.max_tokens or body.max_completion_tokens,
-            seed=body.seed,
-            headers={DEPTH_HEADER: str(depth + 1)},
-            tools=(FUSION_TOOL,),
-        )
+        base = _request(body, messages, depth, tools=(FUSION_TOOL,))
         caller = [body.model]
         try:
             first_call = await self.caller.complete(
@@ -336,6 +318,22 @@ class Completions:
             fusion_object(result),
             responses=_cost_lines(result),
         )
+
+
+def _request(
+    body: ChatCompletionRequest, messages: tuple[Message, ...], depth: int, **fields: Any
+) -> CompletionRequest:
+    """A call for the request's own model: its sampling fields, one level deeper."""
+    return CompletionRequest(
+        model="",
+        messages=messages,
+        temperature=body.temperature,
+        max_tokens=body.max_tokens or body.max_completion_tokens,
+        seed=body.seed,
+        stop=body.stop_sequences,
+        headers={DEPTH_HEADER: str(depth + 1)},
+        **fields,
+    )
 
 
 def _tool_options(params: FusionParams | None) -> dict[str, Any]:
