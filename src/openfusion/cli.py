@@ -92,6 +92,8 @@ class LiveView:
             return None
         if isinstance(event, MemberEvent):
             key, label = f"panel{event.index}", event.name
+        elif isinstance(event, StageEvent) and event.stage == "synthesis":
+            key, label = event.stage, "judge · answer (below)"
         elif isinstance(event, StageEvent):
             key, label = event.stage, f"judge · {event.stage}"
         else:
