@@ -11,7 +11,8 @@ POSTs at each ``--concurrency`` with
 The upstream is a minimal ``aiohttp.web`` server in a subprocess on 127.0.0.1 (its own process,
 so on a 2-core machine client and server each get a core), answering every call with a small
 chat-completion JSON. Clients run on uvloop, as in ``openfusion serve``. Each cell starts with
-an untimed warm-up (opens the connections) and stops at ``--requests`` or ``--max-seconds``.
+an untimed warm-up (opens the connections), then stops at ``--requests`` or ``--max-seconds``,
+whichever comes first (the table shows how many requests were done).
 
     pip install -e '.[bench]'
     python benchmarks/upstream_client.py [--requests 2000] [--concurrency 1 16 64 256]
@@ -57,6 +58,10 @@ ANSWER = {
 PAYLOAD = {"model": "bench", "messages": [{"role": "user", "content": "Who wrote Emma?"}]}
 REQUEST = CompletionRequest("bench", (Message("user", "Who wrote Emma?"),))
 
+WARMUP_SECONDS = 2.0
+"""Each cell first sends 2 x concurrency untimed requests (opens the connections), for at most
+this long."""
+
 Call = Callable[[], Awaitable[None]]
 
 
@@ -76,7 +81,9 @@ def serve_upstream() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)
-    web.run_app(app, sock=sock, print=None, access_log=None, backlog=1024, loop=uvloop.new_event_loop())
+    web.run_app(
+        app, sock=sock, print=None, access_log=None, backlog=1024, loop=uvloop.new_event_loop()
+    )
 
 
 def start_upstream() -> tuple[subprocess.Popen[str], str]:
@@ -139,7 +146,7 @@ async def run_load(
 async def bench(
     client: str, call: Call, requests: int, concurrency: int, max_seconds: float
 ) -> Result:
-    await run_load(client, call, 2 * concurrency, concurrency, max_seconds)  # warm-up
+    await run_load(client, call, 2 * concurrency, concurrency, WARMUP_SECONDS)
     return await run_load(client, call, requests, concurrency, max_seconds)
 
 
@@ -206,7 +213,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="timed requests per cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--max-seconds", type=float, default=10.0, help="time limit per cell")
+    parser.add_argument("--max-seconds", type=float, default=5.0, help="time limit per cell")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:

@@ -55,8 +55,14 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY", "OPENFUSION_PRESET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OPENFUSION_CONFIG_DIR", str(tmp_path / "config"))
-    # The model cache is shared between tests (and runs): assembling Gemma takes seconds.
-    monkeypatch.setenv("OPENFUSION_CACHE_DIR", str(Path.home() / ".cache" / "openfusion-tests"))
+    # A cache of its own (corpus index, synced prices), but one model dir shared between
+    # tests and runs: assembling Gemma takes seconds.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shared_models = Path.home() / ".cache" / "openfusion-tests" / "models"
+    shared_models.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(shared_models)
+    monkeypatch.setenv("OPENFUSION_CACHE_DIR", str(cache))
 
 
 @pytest.fixture

@@ -175,6 +175,11 @@ class Settings:
         """The ledger's database URL: ``database_url``, else ``<config dir>/openfusion.db``."""
         return self.database_url or f"sqlite+aiosqlite:///{self.config_dir / DATABASE_FILE}"
 
+    @property
+    def prompt_dirs(self) -> list[Path]:
+        """Where user prompt templates are looked for, first match winning."""
+        return [d for d in (self.prompts_dir, self.config_dir / "prompts") if d]
+
     def api_key(self, env_var: str) -> str | None:
         return self.env.get(env_var) or None
 

@@ -89,12 +89,7 @@ class Fusion:
         self._owns_registry = registry is None and caller is None
         self.registry = caller.registry if caller else registry or ProviderRegistry(self.settings)
         self.caller = caller or Caller.from_settings(self.registry, self.settings)
-        self.prompts = prompts or PromptSet(
-            search_dirs=[
-                d for d in (self.settings.prompts_dir, self.settings.config_dir / "prompts") if d
-            ],
-            overrides=preset.prompts,
-        )
+        self.prompts = prompts or PromptSet(self.settings.prompt_dirs, preset.prompts)
         self.depth = depth
         self._rng = random.Random(shuffle_seed)
         self._entered = False

@@ -43,12 +43,15 @@ class PromptSet:
             keep_trailing_newline=False,
         )
         self._overrides = dict(overrides or {})
+        self._compiled: dict[str, jinja2.Template] = {}
 
     def render(self, name: str, **variables: Any) -> str:
         try:
             if name in self._overrides:
-                path = self._overrides[name]
-                template = self._env.from_string(path.read_text(encoding="utf-8"))
+                if name not in self._compiled:
+                    text = self._overrides[name].read_text(encoding="utf-8")
+                    self._compiled[name] = self._env.from_string(text)
+                template = self._compiled[name]
             else:
                 template = self._env.get_template(f"{name}.j2")
             return template.render(**variables).strip()

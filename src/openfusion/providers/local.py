@@ -313,11 +313,10 @@ def create(name: str, config: ProviderConfig, settings: Settings) -> LocalProvid
     models: dict[str, Callable[[], Path]] = {GEMMA: lambda: gemma_path(settings.cache_dir)}
     for model, path in dict(config.options.get("models", {})).items():
         models[model] = functools.partial(Path, path)
-    prompt_dirs = [d for d in (settings.prompts_dir, settings.config_dir / "prompts") if d]
     try:
         return LocalProvider(
             models,
-            PromptSet(prompt_dirs),
+            PromptSet(settings.prompt_dirs),
             threads=config.options.get("threads"),
             n_ctx=int(config.options.get("n_ctx", 4096)),
         )

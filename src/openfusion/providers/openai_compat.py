@@ -139,7 +139,10 @@ class OpenAICompatProvider:
         if self._session is None or self._session.closed:
             t = self._timeouts
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.read)
+                timeout=aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.read),
+                # aiohttp's default caps a session at 100 connections; a busy gateway's calls to
+                # one provider should not queue behind that (benchmarks/upstream_client.py).
+                connector=aiohttp.TCPConnector(limit=0),
             )
         return self._session
 

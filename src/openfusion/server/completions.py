@@ -20,6 +20,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from openfusion.engine import (
@@ -39,6 +40,7 @@ from openfusion.engine.fusion import configured_tools
 from openfusion.engine.policy import Caller
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
 from openfusion.presets import Preset, load_preset
+from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.server.errors import APIError, from_provider
 from openfusion.server.schema import ChatCompletionRequest, FusionParams
@@ -110,6 +112,15 @@ class Completions:
         self.caller = Caller.from_settings(registry, settings)
         """One for the process: retries and fallbacks per call, breaker state across calls."""
         self._tools = tools
+        self._prompts: dict[tuple[tuple[str, Path], ...], PromptSet] = {}
+
+    def _prompts_for(self, preset: Preset) -> PromptSet:
+        """One prompt set per distinct override set, so Jinja compiles each template once
+        per process instead of once per request."""
+        key = tuple(sorted(preset.prompts.items()))
+        if key not in self._prompts:
+            self._prompts[key] = PromptSet(self.settings.prompt_dirs, preset.prompts)
+        return self._prompts[key]
 
     def _fusion_for(self, preset: Preset, depth: int) -> Fusion:
         if self._tools is None and preset.tools.enabled:
@@ -118,7 +129,12 @@ class Completions:
             except ConfigError as exc:
                 raise APIError(503, f"this server's [tools] setting fails: {exc}") from exc
         fusion = Fusion(
-            preset, settings=self.settings, caller=self.caller, tools=self._tools, depth=depth
+            preset,
+            settings=self.settings,
+            caller=self.caller,
+            tools=self._tools,
+            prompts=self._prompts_for(preset),
+            depth=depth,
         )
         _check(fusion)
         return fusion

@@ -17,6 +17,7 @@ annotations`` they must name types visible in the defining module's globals (mod
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -130,13 +131,13 @@ class Tool:
         arguments = pydantic.create_model(f"{tool_name}_arguments", __base__=_Arguments, **fields)
         return cls(name=tool_name, description=doc, fn=fn, arguments=arguments)
 
-    @property
+    @functools.cached_property  # built once: every member turn of every run asks for it
     def parameters(self) -> dict[str, Any]:
         """The JSON schema of the arguments (an object; no pydantic titles)."""
         schema = self.arguments.model_json_schema()
         return _without_titles(schema)
 
-    @property
+    @functools.cached_property
     def spec(self) -> ToolSpec:
         return ToolSpec(name=self.name, description=self.description, parameters=self.parameters)
 

@@ -1,0 +1,262 @@
+"""The gateway's own overhead: openfusion's server in front of a provider that answers instantly.
+
+Serves ``create_app`` with a ``ScriptedProvider`` as provider ``demo`` (no delay, no network)
+under uvicorn (uvloop, httptools) in a subprocess on 127.0.0.1, and drives it with aiohttp at
+each ``--concurrency`` for three scenarios:
+
+- ``pass``: ``model: "demo/a"``, one provider call, JSON answer;
+- ``stream``: the same with ``stream: true``, timed until ``data: [DONE]``;
+- ``fusion``: ``model: "openfusion/demo"``, a 3-member panel (``demo/a``, ``demo/b``,
+  ``demo/c``) and a judge (``demo/judge``): five provider calls, analysis JSON validated.
+
+So the numbers are what the server, the engine and the spend ledger cost per request;
+``--ledger none`` swaps the ledger for one that records nothing, to see the rest alone. The
+server gets a temporary config dir (``OPENFUSION_CONFIG_DIR`` / ``OPENFUSION_CACHE_DIR``), so
+its ledger is a throwaway SQLite file and no user config is read or written. Each cell starts
+with an untimed warm-up, then stops at ``--requests`` or ``--max-seconds``, whichever comes
+first (the table shows how many requests were done).
+
+    pip install -e '.[bench]'
+    python benchmarks/server_throughput.py [--requests 500] [--concurrency 1 16 64]
+    python benchmarks/server_throughput.py --ledger none
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvicorn
+import uvloop
+
+from openfusion.providers import ProviderRegistry
+from openfusion.providers.scripted import ScriptedProvider, Step
+from openfusion.server import create_app
+from openfusion.settings import Settings
+
+ANALYSIS_JSON = json.dumps(
+    {
+        "consensus": ["Jane Austen wrote it"],
+        "contradictions": [],
+        "partial_coverage": [],
+        "unique_insights": [{"model": "Response A", "insight": "published 1815"}],
+        "blind_spots": [],
+    }
+)
+CONFIG = 'default_preset = "demo"\n'
+PRESET = (
+    'description = "benchmark panel"\njudge = "demo/judge"\n'
+    'panel = [{ model = "demo/a" }, { model = "demo/b" }, { model = "demo/c" }]\n'
+)
+MESSAGES = [{"role": "user", "content": "Who wrote Emma?"}]
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "pass": {"model": "demo/a", "messages": MESSAGES},
+    "stream": {"model": "demo/a", "messages": MESSAGES, "stream": True},
+    "fusion": {"model": "openfusion/demo", "messages": MESSAGES},
+}
+UNSAFE_ENV = (
+    "OPENFUSION_DATABASE_URL",
+    "OPENFUSION_PRESET",
+    "OPENROUTER_API_KEY",
+    "OPENAI_API_KEY",
+)
+"""Not passed to the server: it must not reach the user's ledger or anything with a key."""
+WARMUP_SECONDS = 2.0
+
+Call = Callable[[], Awaitable[None]]
+
+
+# -- the server (subprocess) ------------------------------------------------------------------
+
+
+class NullLedger:
+    """Records nothing: what the server calls on a ``SpendLedger`` for requests without a key."""
+
+    async def init(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def reserve(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    async def settle(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def serve(ledger: str) -> None:
+    """Serve the app on a free port of 127.0.0.1; print the port, run until terminated."""
+    settings = Settings.load()
+    registry = ProviderRegistry(settings)
+    answer = Step("Jane Austen wrote Emma.")
+    analysis = Step(ANALYSIS_JSON)
+    script = {
+        "a": answer,
+        "b": answer,
+        "c": answer,
+        "judge": lambda request: analysis if request.json_schema is not None else answer,
+    }
+    registry.register("demo", ScriptedProvider(script))
+    config = uvicorn.Config(
+        create_app(
+            settings,
+            registry=registry,
+            ledger=NullLedger() if ledger == "none" else None,  # type: ignore[arg-type]
+        ),
+        loop="uvloop",
+        http="httptools",
+        ws="none",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        backlog=1024,
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def start_server(config_dir: Path, ledger: str) -> tuple[subprocess.Popen[str], str]:
+    (config_dir / "presets").mkdir(parents=True)
+    (config_dir / "config.toml").write_text(CONFIG)
+    (config_dir / "presets" / "demo.toml").write_text(PRESET)
+    env = {k: v for k, v in os.environ.items() if k not in UNSAFE_ENV}
+    env["OPENFUSION_CONFIG_DIR"] = str(config_dir)
+    env["OPENFUSION_CACHE_DIR"] = str(config_dir / "cache")
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--ledger", ledger],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    return proc, url
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            async with session.get(url + "/health") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the openfusion server did not start")
+
+
+# -- the load loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    scenario: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: list[float]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[round(q * (len(ordered) - 1))] if ordered else float("nan")
+
+
+async def run_load(
+    scenario: str, call: Call, requests: int, concurrency: int, max_seconds: float
+) -> Result:
+    """``requests`` calls, ``concurrency`` at a time, stopping early after ``max_seconds``."""
+    latencies: list[float] = []
+    issued = 0
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            issued += 1
+            start = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Result(scenario, concurrency, len(latencies), time.perf_counter() - start, latencies)
+
+
+def make_call(session: aiohttp.ClientSession, url: str, scenario: str) -> Call:
+    body = SCENARIOS[scenario]
+
+    async def call() -> None:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            if not body.get("stream"):
+                answer = await resp.json()
+                assert answer["choices"][0]["message"]["content"], answer
+                return
+            async for line in resp.content:
+                if line.rstrip() == b"data: [DONE]":
+                    return
+            raise AssertionError("the stream ended without data: [DONE]")
+
+    return call
+
+
+async def main(args: argparse.Namespace) -> None:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_server(Path(tmp), args.ledger)
+        try:
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with aiohttp.ClientSession(timeout=timeout) as probe:
+                await wait_ready(probe, url, proc)
+            for scenario in SCENARIOS:
+                for c in args.concurrency:
+                    connector = aiohttp.TCPConnector(limit=c)
+                    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as s:
+                        call = make_call(s, url, scenario)
+                        await run_load(scenario, call, 2 * c, c, WARMUP_SECONDS)
+                        results.append(
+                            await run_load(scenario, call, args.requests, c, args.max_seconds)
+                        )
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    print(f"ledger: {args.ledger}")
+    print(f"{'scenario':<9} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in results:
+        p50, p99 = (1000 * percentile(r.latencies, q) for q in (0.5, 0.99))
+        rate = r.requests / r.seconds
+        print(f"{r.scenario:<9} {r.concurrency:>5} {r.requests:>8} {rate:>8.0f} ", end="")
+        print(f"{p50:>7.2f} {p99:>7.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=500, help="timed requests per cell")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--max-seconds", type=float, default=6.0, help="time limit per cell")
+    parser.add_argument(
+        "--ledger", choices=["sqlite", "none"], default="sqlite", help="spend ledger to use"
+    )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.ledger)
+    else:
+        uvloop.run(main(args))
