@@ -194,8 +194,8 @@ class Fusion:
             budget = Budget(max_cost) if max_cost is not None else None
             registry = self.tools if tools is None else _subset(self.tools, tools)
             calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
-            run = _Run(self, messages, temperature, budget, queue.put_nowait)
-            run.tools, run.max_tool_calls = registry, min(calls, MAX_TOOL_CALLS)
+            tool_use = (registry, min(calls, MAX_TOOL_CALLS))
+            run = _Run(self, messages, temperature, budget, tool_use, queue.put_nowait)
             task = asyncio.create_task(run.execute(synthesise))
             task.add_done_callback(lambda _: queue.put_nowait(None))
             try:
@@ -221,6 +221,7 @@ class _Run:
         messages: tuple[Message, ...],
         temperature: float | None,
         budget: Budget | None,
+        tool_use: tuple[ToolRegistry | None, int],
         emit: Emit,
     ) -> None:
         self.fusion = fusion
@@ -233,8 +234,7 @@ class _Run:
         self.emit = emit
         self.headers = {DEPTH_HEADER: str(fusion.depth + 1)}
         self.started = time.monotonic()
-        self.tools: ToolRegistry | None = None
-        self.max_tool_calls = 0
+        self.tools, self.max_tool_calls = tool_use
         self.sources: list[tuple[str, str]] = []
         """``(url, title)`` of every document a member's tool call returned, in order."""
 
