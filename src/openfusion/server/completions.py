@@ -170,6 +170,8 @@ class Completions:
                     Preset.from_models(params.analysis_models, params.model or preset.judge),
                     limits=preset.limits,
                     prompts=preset.prompts,
+                    tools=preset.tools,
+                    policy=preset.policy,
                 )
             elif params and params.model:
                 preset = dataclasses.replace(preset, judge=params.model)
