@@ -261,6 +261,7 @@ async def test_unknown_cost_makes_total_unknown(settings: Settings) -> None:
     result = await fusion.run("q")
     assert result.usage.cost is None
     assert result.cost_details["panel"] is None
+    assert result.to_dict()["usage"]["unpriced"] == ["scripted/b"]  # the flag: who is unknown
 
 
 async def test_every_inner_call_carries_the_depth_header(settings: Settings) -> None:

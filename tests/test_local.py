@@ -160,3 +160,13 @@ def test_offline_demo_searches_the_index(tmp_path: Path) -> None:
     assert data["sources"], "the search found the indexed file"
     for source in data["sources"]:
         assert Path(source["url"].removeprefix("file://")).is_file()
+
+
+def test_the_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's library example, as written (it runs offline on the local preset)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    library = readme.split("## Library", 1)[1]
+    code = library.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out
+    assert "consensus" in printed  # print(result.analysis, ...) ran

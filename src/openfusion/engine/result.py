@@ -113,6 +113,14 @@ class FusionResult:
     unverified_citations: tuple[dict[str, str], ...] = ()
     """Citations (``[n]`` or URLs) in the answers that no tool call of this run retrieved."""
 
+    @property
+    def unpriced(self) -> list[str]:
+        """What made ``usage.cost`` unknown: members and stages whose cost is not known."""
+        members = [r.name for r in self.responses if r.usage.cost is None]
+        members += [f.name for f in self.failed_models if f.usage.cost is None]
+        stages = [s for s, cost in self.cost_details.items() if cost is None and s != "panel"]
+        return members + stages
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -124,7 +132,11 @@ class FusionResult:
             "failure_message": self.failure_message,
             "judge": self.judge,
             "latency_ms": self.latency_ms,
-            "usage": {**self.usage.to_dict(), "cost_details": self.cost_details},
+            "usage": {
+                **self.usage.to_dict(),
+                "cost_details": self.cost_details,
+                "unpriced": self.unpriced,
+            },
             "budget": self.budget,
             "sources": list(self.sources),
             "annotations": list(self.annotations),
