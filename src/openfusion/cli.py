@@ -216,7 +216,13 @@ async def _ask(
                 if isinstance(event, ToolEvent) and not err.is_terminal:
                     mark = "" if event.ok else " (failed)"
                     err.print(f"{event.name}: {event.tool}({_short(event.arguments)}){mark}")
-                if not err.is_terminal and row is not None and row.state in ("done", "failed"):
+                in_answer = isinstance(event, StageEvent) and event.stage == "synthesis"
+                if (
+                    not err.is_terminal
+                    and not in_answer  # its line would land inside the answer on stdout
+                    and row is not None
+                    and row.state in ("done", "failed")
+                ):
                     reason = f" ({row.reason})" if row.reason else ""
                     err.print(f"{row.name}: {row.state}{reason} {row.seconds()}")
                 if (

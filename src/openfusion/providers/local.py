@@ -41,7 +41,8 @@ from openfusion.settings import ProviderConfig, Settings
 from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, ToolSpec, Usage
 
 GEMMA = "gemma-3-270m"
-STOP = ("\nQuestion:", "\n\n")
+STOP = ("\nQuestion:", "\nAnswer:", "\nResult:", "\n\n")
+"""Where the base model starts a new turn of the few-shot transcript: the answer is over."""
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_TEMPERATURE = 0.7
 
