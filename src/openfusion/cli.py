@@ -266,6 +266,14 @@ def _summary(err: Console, result: FusionResult) -> None:
         _cost(result.usage.cost),
     ]
     err.print(f"[dim]{' · '.join(parts)}[/]")
+    if result.sources:
+        retrieved = ", ".join(str(s["url"]) for s in result.sources)
+        err.print(f"[dim]retrieved by the panel:[/] {escape(retrieved)}")
+    for bad in result.unverified_citations:
+        where, citation = bad["where"], bad["citation"]
+        err.print(
+            f"[yellow]unverified[/] {escape(citation)} in {escape(where)}: no tool retrieved it"
+        )
     if result.failure_reason:
         err.print(f"[red]{result.failure_reason}[/]: {escape(result.failure_message or '')}")
     for failure in result.failed_models:

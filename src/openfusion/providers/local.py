@@ -41,8 +41,9 @@ from openfusion.settings import ProviderConfig, Settings
 from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, ToolSpec, Usage
 
 GEMMA = "gemma-3-270m"
-STOP = ("\nQuestion:", "\nAnswer:", "\nResult:", "\n\n")
-"""Where the base model starts a new turn of the few-shot transcript: the answer is over."""
+STOP = ("\n",)
+"""Answers end at the line's end, as in the few-shot examples; past it the base model starts a
+new turn of the transcript ("Answer: ...", "Question: ...") or rambles."""
 DEFAULT_MAX_TOKENS = 128
 DEFAULT_TEMPERATURE = 0.7
 
