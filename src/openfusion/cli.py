@@ -213,18 +213,8 @@ async def _ask(
         ):
             async for event in events:
                 row = view.update(event)
-                if isinstance(event, ToolEvent) and not err.is_terminal:
-                    mark = "" if event.ok else " (failed)"
-                    err.print(f"{event.name}: {event.tool}({_short(event.arguments)}){mark}")
-                in_answer = isinstance(event, StageEvent) and event.stage == "synthesis"
-                if (
-                    not err.is_terminal
-                    and not in_answer  # its line would land inside the answer on stdout
-                    and row is not None
-                    and row.state in ("done", "failed")
-                ):
-                    reason = f" ({row.reason})" if row.reason else ""
-                    err.print(f"{row.name}: {row.state}{reason} {row.seconds()}")
+                if not err.is_terminal:
+                    _log(err, event, row)
                 if (
                     isinstance(event, StageEvent)
                     and event.stage == "synthesis"
@@ -240,6 +230,18 @@ async def _ask(
         sys.stdout.write("\n")
     assert result is not None
     return result
+
+
+def _log(err: Console, event: FusionEvent, row: _Row | None) -> None:
+    """Progress as plain lines, for a stderr that is not a terminal: calls and finished steps."""
+    if isinstance(event, ToolEvent):
+        mark = "" if event.ok else " (failed)"
+        err.print(f"{event.name}: {event.tool}({_short(event.arguments)}){mark}")
+    elif isinstance(event, StageEvent) and event.stage == "synthesis":
+        return  # its line would land inside the answer streaming to stdout
+    elif row is not None and row.state in ("done", "failed"):
+        reason = f" ({row.reason})" if row.reason else ""
+        err.print(f"{row.name}: {row.state}{reason} {row.seconds()}")
 
 
 class _Quiet:
