@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import uvicorn
 import uvloop
+from load import Call, Result, percentile, run_load
 
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
@@ -74,8 +73,6 @@ UNSAFE_ENV = (
 )
 """Not passed to the server: it must not reach the user's ledger or anything with a key."""
 WARMUP_SECONDS = 2.0
-
-Call = Callable[[], Awaitable[None]]
 
 
 # -- the server (subprocess) ------------------------------------------------------------------
@@ -164,41 +161,6 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, proc: subprocess.
 # -- the load loop ----------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    scenario: str
-    concurrency: int
-    requests: int
-    seconds: float
-    latencies: list[float]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))] if ordered else float("nan")
-
-
-async def run_load(
-    scenario: str, call: Call, requests: int, concurrency: int, max_seconds: float
-) -> Result:
-    """``requests`` calls, ``concurrency`` at a time, stopping early after ``max_seconds``."""
-    latencies: list[float] = []
-    issued = 0
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal issued
-        while issued < requests and time.perf_counter() < deadline:
-            issued += 1
-            start = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result(scenario, concurrency, len(latencies), time.perf_counter() - start, latencies)
-
-
 def make_call(session: aiohttp.ClientSession, url: str, scenario: str) -> Call:
     body = SCENARIOS[scenario]
 
@@ -242,7 +204,7 @@ async def main(args: argparse.Namespace) -> None:
     for r in results:
         p50, p99 = (1000 * percentile(r.latencies, q) for q in (0.5, 0.99))
         rate = r.requests / r.seconds
-        print(f"{r.scenario:<9} {r.concurrency:>5} {r.requests:>8} {rate:>8.0f} ", end="")
+        print(f"{r.name:<9} {r.concurrency:>5} {r.requests:>8} {rate:>8.0f} ", end="")
         print(f"{p50:>7.2f} {p99:>7.2f}")
 
 

@@ -21,21 +21,19 @@ whichever comes first (the table shows how many requests were done).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import httpx
 import uvloop
 from aiohttp import web
+from load import Call, Result, percentile, run_load
 
 from openfusion.providers.openai_compat import create
 from openfusion.settings import ProviderConfig, Settings
@@ -61,8 +59,6 @@ REQUEST = CompletionRequest("bench", (Message("user", "Who wrote Emma?"),))
 WARMUP_SECONDS = 2.0
 """Each cell first sends 2 x concurrency untimed requests (opens the connections), for at most
 this long."""
-
-Call = Callable[[], Awaitable[None]]
 
 
 # -- the upstream (subprocess) ---------------------------------------------------------------
@@ -106,41 +102,6 @@ def start_upstream() -> tuple[subprocess.Popen[str], str]:
 
 
 # -- the load loop ----------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    client: str
-    concurrency: int
-    requests: int
-    seconds: float
-    latencies: list[float]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))] if ordered else float("nan")
-
-
-async def run_load(
-    client: str, call: Call, requests: int, concurrency: int, max_seconds: float
-) -> Result:
-    """``requests`` calls, ``concurrency`` at a time, stopping early after ``max_seconds``."""
-    latencies: list[float] = []
-    issued = 0
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal issued
-        while issued < requests and time.perf_counter() < deadline:
-            issued += 1
-            start = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result(client, concurrency, len(latencies), time.perf_counter() - start, latencies)
 
 
 async def bench(
@@ -205,7 +166,7 @@ async def main(args: argparse.Namespace) -> None:
     for r in results:
         p50, p99 = (1000 * percentile(r.latencies, q) for q in (0.5, 0.99))
         rate = r.requests / r.seconds
-        print(f"{r.client:<11} {r.concurrency:>5} {r.requests:>8} {r.seconds:>8.2f} ", end="")
+        print(f"{r.name:<11} {r.concurrency:>5} {r.requests:>8} {r.seconds:>8.2f} ", end="")
         print(f"{rate:>8.0f} {p50:>7.2f} {p99:>7.2f}")
 
 
