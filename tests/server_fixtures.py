@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from helpers import ANALYSIS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openfusion.providers import ProviderRegistry
@@ -33,13 +34,6 @@ from openfusion.settings import Settings
 from openfusion.tools import ToolRegistry
 from openfusion.types import CompletionRequest
 
-ANALYSIS = {
-    "consensus": ["Jane Austen wrote it"],
-    "contradictions": [],
-    "partial_coverage": [],
-    "unique_insights": [{"model": "Response A", "insight": "published 1813"}],
-    "blind_spots": [],
-}
 ANSWER = "Jane Austen wrote it, in 1813."
 PANEL_COSTS = {"a": 0.001, "b": 0.002, "c": 0.003}
 ANALYSIS_COST = 0.0004

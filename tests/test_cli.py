@@ -9,16 +9,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import ANALYSIS
 
 from openfusion.cli import main
-
-ANALYSIS = {
-    "consensus": ["Jane Austen wrote it"],
-    "contradictions": [],
-    "partial_coverage": [],
-    "unique_insights": [{"model": "Response A", "insight": "published 1813"}],
-    "blind_spots": [],
-}
 
 
 @pytest.fixture

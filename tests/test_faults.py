@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
+from helpers import ANALYSIS, eventually
 from server_fixtures import config_dir, run_server
 from upstream_mock import MockUpstream, Reply, in_turn
 
@@ -31,13 +32,6 @@ from openfusion.store import SpendLedger
 QUESTION = "Who wrote Pride and Prejudice?"
 ANSWERS = {"a": "Jane Austen.", "b": "Austen, in 1813.", "c": "It was Jane Austen."}
 COSTS = {"a": 0.001, "b": 0.002, "c": 0.003}
-ANALYSIS = {
-    "consensus": ["Jane Austen wrote it"],
-    "contradictions": [],
-    "partial_coverage": [],
-    "unique_insights": [{"model": "Response A", "insight": "published 1813"}],
-    "blind_spots": [],
-}
 ANALYSIS_COST = 0.0004
 FUSED = "Jane Austen wrote Pride and Prejudice; it was published in 1813."
 SYNTHESIS_COST = 0.0005
@@ -99,15 +93,6 @@ def script_upstream(
     analyse = source(analysis or Reply(json.dumps(ANALYSIS), cost=ANALYSIS_COST))
     write = source(synthesis or Reply(FUSED, cost=SYNTHESIS_COST))
     up.replies["judge"] = lambda body: analyse(body) if "response_format" in body else write(body)
-
-
-async def eventually(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
-    """Wait until ``condition()`` holds (polled); fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 def new_tasks(before: set[asyncio.Task[Any]]) -> list[str]:

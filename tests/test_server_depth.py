@@ -4,12 +4,12 @@ leaves: its run is cancelled, down to the upstream calls."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 
 import aiohttp
 import pytest
+from helpers import eventually
 from server_fixtures import (
     Demo,
     RunningServer,
@@ -26,15 +26,6 @@ from openfusion.engine import DEPTH_HEADER
 Serve = Callable[..., RunningServer]
 QUESTION = [{"role": "user", "content": "Who wrote Pride and Prejudice?"}]
 JUDGE_ANSWER = "The judge alone says: Jane Austen."
-
-
-async def eventually(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
-    """Wait until ``condition()`` holds (polled); fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(
