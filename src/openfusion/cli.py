@@ -297,12 +297,15 @@ def models_sync() -> None:
     """Fetch OpenRouter's model catalog and prices (needs OPENROUTER_API_KEY)."""
     from openfusion.cost import save_sync
     from openfusion.providers import ProviderRegistry
+    from openfusion.providers.openai_compat import OpenAICompatProvider
 
     async def fetch(settings: Settings) -> Any:
         registry = ProviderRegistry(settings)
         try:
             provider = registry.provider("openrouter")
-            return await provider.list_models()  # type: ignore[attr-defined]
+            if not isinstance(provider, OpenAICompatProvider):
+                raise ConfigError("provider 'openrouter' must be of type openai_compat to sync")
+            return await provider.list_models()
         finally:
             await registry.aclose()
 
