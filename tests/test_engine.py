@@ -71,6 +71,17 @@ def panel_script(delay: float = 0.0, cost: float | None = 0.001) -> dict[str, An
     }
 
 
+async def test_each_run_has_an_id_or_the_one_given(settings: Settings) -> None:
+    script = {**panel_script(), "judge": judge_steps() * 2}
+    fusion, _ = fusion_for(settings, script)
+    async with fusion:
+        first = await fusion.run("Who wrote Pride and Prejudice?")
+        named = await fusion.run("Who wrote Pride and Prejudice?", run_id="gen-42")
+    assert len(first.run_id) == 32
+    assert named.run_id == "gen-42"
+    assert named.to_dict()["run_id"] == "gen-42"
+
+
 async def test_full_run_result_has_contract_shape(settings: Settings) -> None:
     fusion, _ = fusion_for(settings, {**panel_script(), "judge": judge_steps()})
     result = await fusion.run("Who wrote Pride and Prejudice?")

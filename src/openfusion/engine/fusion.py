@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -154,6 +155,7 @@ class Fusion:
         max_cost: float | None = None,
         tools: Sequence[str] | None = None,
         max_tool_calls: int | None = None,
+        run_id: str | None = None,
     ) -> FusionResult:
         """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
         events = self.stream(
@@ -163,6 +165,7 @@ class Fusion:
             max_cost=max_cost,
             tools=tools,
             max_tool_calls=max_tool_calls,
+            run_id=run_id,
         )
         async for event in events:
             if isinstance(event, Done):
@@ -178,14 +181,16 @@ class Fusion:
         max_cost: float | None = None,
         tools: Sequence[str] | None = None,
         max_tool_calls: int | None = None,
+        run_id: str | None = None,
     ) -> AsyncIterator[FusionEvent]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
         ``temperature`` overrides the panel's; ``synthesise=False`` stops after the analysis
         (for a caller model that writes the answer itself); ``max_cost`` (USD) is a budget: a
         call that could overrun it is not started; ``tools`` names the tools members may use
-        (``[]``: none) and ``max_tool_calls`` caps their calls (at most 16). Closing the
-        iterator early cancels every call still running.
+        (``[]``: none) and ``max_tool_calls`` caps their calls (at most 16); ``run_id`` names the
+        run (default: a new random id). Closing the iterator early cancels every call still
+        running.
         """
         messages = _as_messages(prompt)
         try:
@@ -195,7 +200,8 @@ class Fusion:
             registry = self.tools if tools is None else _subset(self.tools, tools)
             calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
             tool_use = (registry, min(calls, MAX_TOOL_CALLS))
-            run = _Run(self, messages, temperature, budget, tool_use, queue.put_nowait)
+            run_id = run_id or uuid.uuid4().hex
+            run = _Run(self, messages, temperature, budget, tool_use, queue.put_nowait, run_id)
             task = asyncio.create_task(run.execute(synthesise))
             task.add_done_callback(lambda _: queue.put_nowait(None))
             try:
@@ -223,7 +229,9 @@ class _Run:
         budget: Budget | None,
         tool_use: tuple[ToolRegistry | None, int],
         emit: Emit,
+        run_id: str,
     ) -> None:
+        self.id = run_id
         self.fusion = fusion
         self.preset = fusion.preset
         self.caller = fusion.caller
@@ -295,6 +303,7 @@ class _Run:
                     cost_details={stage: usage.cost for stage, usage in stages.items()},
                     judge=self.preset.judge,
                     latency_ms=round((time.monotonic() - self.started) * 1000),
+                    run_id=self.id,
                     budget=self.budget.to_dict() if self.budget else None,
                     sources=tuple(
                         {"number": s.number, "title": s.title, "url": s.url} for s in sources

@@ -104,6 +104,8 @@ class FusionResult:
     """Cost per stage run: ``panel``, ``analysis``, ``synthesis`` (USD; ``None`` if unknown)."""
     judge: str
     latency_ms: int
+    run_id: str = ""
+    """Names this run in traces and records (the server uses the generation id)."""
     budget: dict[str, Any] | None = None
     """With ``max_cost``: the limit, what was spent, and the models not started because of it."""
     sources: tuple[dict[str, Any], ...] = ()
@@ -123,6 +125,7 @@ class FusionResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "run_id": self.run_id,
             "status": self.status,
             "content": self.content,
             "analysis": self.analysis,
