@@ -99,8 +99,14 @@ class Served:
 
 
 class MockUpstream:
-    def __init__(self, default: Reply | None = None) -> None:
+    def __init__(
+        self, default: Reply | None = None, *, record: bool = True, backlog: int = 128
+    ) -> None:
+        """``record=False`` keeps no ``requests`` or ``served`` (a benchmark sends too many);
+        ``backlog`` is the listening socket's (thousands of clients connect at once in one)."""
         self.default = default or Reply()
+        self.record = record
+        self.backlog = backlog
         self.replies: dict[str, ReplySource] = {}
         self.queue: deque[Reply] = deque()
         self.requests: list[RecordedRequest] = []
@@ -116,7 +122,7 @@ class MockUpstream:
 
     async def __aenter__(self) -> MockUpstream:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=self.backlog)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.base_url = f"http://127.0.0.1:{port}/v1"
@@ -161,7 +167,8 @@ class MockUpstream:
             body = await request.json()
         except ValueError:
             body = None
-        self.requests.append(RecordedRequest(request.path, dict(request.headers), body))
+        if self.record:
+            self.requests.append(RecordedRequest(request.path, dict(request.headers), body))
         model = body.get("model", "") if isinstance(body, dict) else ""
         reply = self.queue.popleft() if self.queue else self.reply_for(model, body)
         if reply.delay:
@@ -195,7 +202,7 @@ class MockUpstream:
         if (usage := self.usage_dict(reply)) is not None:
             data["usage"] = usage
         response = web.json_response(data, status=reply.status, headers=reply.headers)
-        if reply.status == 200:
+        if reply.status == 200 and self.record:
             self.served.append(Served(model, reply.cost, stream=False))
         return response
 
@@ -229,7 +236,7 @@ class MockUpstream:
             await event(None, usage=usage)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        if reply.status == 200:
+        if reply.status == 200 and self.record:
             self.served.append(Served(model, reply.cost, stream=True))
         return resp
 
