@@ -18,6 +18,10 @@ class Result:
     requests: int
     seconds: float
     latencies: list[float]
+    """Seconds, of the calls that succeeded."""
+    errors: int = 0
+    """Calls that raised: counted, not timed."""
+    first_error: str | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -28,8 +32,11 @@ def percentile(values: list[float], q: float) -> float:
 async def run_load(
     name: str, call: Call, requests: int, concurrency: int, max_seconds: float
 ) -> Result:
-    """``requests`` calls, ``concurrency`` at a time, stopping early after ``max_seconds``."""
+    """``requests`` calls, ``concurrency`` at a time, stopping early after ``max_seconds``.
+
+    A call that raises is counted in ``errors`` (the first one's text kept) and not timed."""
     latencies: list[float] = []
+    errors: list[str] = []
     issued = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -38,9 +45,24 @@ async def run_load(
         while issued < requests and time.perf_counter() < deadline:
             issued += 1
             start = time.perf_counter()
-            await call()
+            try:
+                await call()
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
             latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Result(name, concurrency, len(latencies), time.perf_counter() - start, latencies)
+    seconds = time.perf_counter() - start
+    first = errors[0] if errors else None
+    return Result(name, concurrency, len(latencies), seconds, latencies, len(errors), first)
+
+
+def failures(results: list[Result]) -> list[str]:
+    """A line per cell that had failed calls (they are left out of its timings)."""
+    return [
+        f"{r.name} at concurrency {r.concurrency}: {r.errors} calls failed, e.g. {r.first_error}"
+        for r in results
+        if r.errors
+    ]

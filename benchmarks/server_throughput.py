@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 import uvloop
-from load import Call, Result, percentile, run_load
+from load import Call, Result, failures, percentile, run_load
 
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
@@ -206,6 +206,7 @@ async def main(args: argparse.Namespace) -> None:
         rate = r.requests / r.seconds
         print(f"{r.name:<9} {r.concurrency:>5} {r.requests:>8} {rate:>8.0f} ", end="")
         print(f"{p50:>7.2f} {p99:>7.2f}")
+    print(*failures(results), sep="\n")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import aiohttp
 import httpx
 import uvloop
 from aiohttp import web
-from load import Call, Result, percentile, run_load
+from load import Call, Result, failures, percentile, run_load
 
 from openfusion.providers.openai_compat import create
 from openfusion.settings import ProviderConfig, Settings
@@ -168,6 +168,7 @@ async def main(args: argparse.Namespace) -> None:
         rate = r.requests / r.seconds
         print(f"{r.name:<11} {r.concurrency:>5} {r.requests:>8} {r.seconds:>8.2f} ", end="")
         print(f"{rate:>8.0f} {p50:>7.2f} {p99:>7.2f}")
+    print(*failures(results), sep="\n")
 
 
 if __name__ == "__main__":
