@@ -25,7 +25,8 @@ Gateways are pinned to ``--gateway-cpu``, the mock and the load (this process) t
   ``--slow`` seconds: errors, when the last answer came, the gateway's peak RSS;
 - (e) streams (``s``: 68 chunks) at concurrency 1, paired with direct streams: added time to
   the first content chunk, added total, the gap between content chunks;
-- (f) (a), (b), (c) and (e) for each ``--variants`` entry (pinned to the same one core).
+- (f) (a), (b), (c) and (e) for each ``--variants`` entry (pinned to the same one core);
+  ``no-ledger`` is the app with a ledger that records nothing: what the ledger costs.
 
 Every measurement runs ``--rounds`` times, the gateways in a new order each round, so a noisy
 neighbour hits them all alike; a cell gives the value over all rounds pooled and, in brackets,
@@ -67,7 +68,7 @@ from measure import Bench, Target, complete, log, session
 from processes import Server, free_port, thread_cpu_seconds, wait_until
 from pyspy import record, summarise
 from report import details, goals, loadavg, machine_facts, table
-from server_throughput import ANALYSIS_JSON, UNSAFE_ENV
+from server_throughput import ANALYSIS_JSON, UNSAFE_ENV, NullLedger
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER = "Jane Austen wrote Emma."
@@ -75,11 +76,13 @@ STREAM_TEXT = "Emma, by Jane Austen, came out in December 1815; its heroine is E
 """Streamed by the mock in 4-character chunks: 68 content chunks."""
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 VARIANTS = {
-    "workers2": (2, False),
-    "postgres": (1, True),
-    "workers2+postgres": (2, True),
+    "workers2": (2, "sqlite"),
+    "postgres": (1, "postgres"),
+    "workers2+postgres": (2, "postgres"),
+    "no-ledger": (1, "none"),
 }
-"""(f): name -> (workers, ledger on PostgreSQL)."""
+"""(f): name -> (workers, ledger). ``no-ledger`` is not a way to run openfusion: the same app
+with a ledger that records nothing, to show what the ledger costs."""
 
 
 # -- the mock upstream (its own process) ------------------------------------------------------
@@ -113,6 +116,17 @@ def serve_mock(slow: float) -> None:
 # -- the gateways -----------------------------------------------------------------------------
 
 
+def serve_without_ledger(port: int) -> None:
+    """``openfusion serve`` (one worker) with a ledger that records nothing."""
+    import uvicorn
+
+    from openfusion.server.app import create_app
+    from openfusion.settings import Settings
+
+    app = create_app(Settings.load(), ledger=NullLedger())  # type: ignore[arg-type]
+    uvicorn.run(app, port=port, loop="uvloop", http="httptools", log_level="info")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without keys or a user's ledger URL, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in UNSAFE_ENV}
@@ -120,7 +134,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def start_openfusion(
-    name: str, workers: int, database_url: str | None, mock: Server, tmp: Path, cpu: int | None
+    name: str,
+    workers: int,
+    database_url: str | None,
+    mock: Server,
+    tmp: Path,
+    cpu: int | None,
+    *,
+    ledger: bool = True,
 ) -> Server:
     config_dir = tmp / name.replace(" ", "_")
     (config_dir / "presets").mkdir(parents=True)
@@ -140,6 +161,8 @@ def start_openfusion(
     port = free_port()
     command = [sys.executable, "-c", "from openfusion.cli import main; main()", "serve"]
     command += ["--port", str(port), "--workers", str(workers)]
+    if not ledger:
+        command = [sys.executable, __file__, "--serve-without-ledger", str(port)]
     log = tmp / f"{config_dir.name}.log"
     return Server.start(name, command, cpu=cpu, log=log, env=env, port=port)
 
@@ -263,10 +286,10 @@ class Gateways:
             self.litellm_version = litellm_version(venv)
 
     async def openfusion(self, variant: str | None = None) -> None:
-        workers, postgres = VARIANTS[variant] if variant else (1, False)
+        workers, ledger = VARIANTS[variant] if variant else (1, "sqlite")
         name = f"openfusion {variant}" if variant else "openfusion"
         database_url = None
-        if postgres:
+        if ledger == "postgres":
             admin = self.args.postgres
             try:
                 database = await create_database(admin)
@@ -277,7 +300,8 @@ class Gateways:
             database_url = admin.replace("postgresql://", "postgresql+asyncpg://", 1)
             database_url = f"{database_url.rsplit('/', 1)[0]}/{database}"
         start = partial(start_openfusion, name, workers, database_url, self.mock, self.tmp)
-        self.add(name, partial(start, self.args.gateway_cpu), prefix="mock/", fusion=True)
+        start = partial(start, self.args.gateway_cpu, ledger=ledger != "none")
+        self.add(name, start, prefix="mock/", fusion=True)
 
     async def ready(self) -> Target:
         """Wait for every gateway (a real completion through it); the mock as a target."""
@@ -415,6 +439,7 @@ def parse_args() -> argparse.Namespace:
         "under the (c) load; raw stacks to DIR, a ranking printed",
     )
     parser.add_argument("--serve-mock", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-without-ledger", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.pairs, args.fusion_pairs, args.stream_pairs = 1, 100, 30, 30
@@ -426,5 +451,7 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.serve_mock:
         serve_mock(arguments.slow)
+    elif arguments.serve_without_ledger:
+        serve_without_ledger(arguments.serve_without_ledger)
     else:
         main(arguments)

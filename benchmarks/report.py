@@ -154,10 +154,10 @@ def table(bench: Bench) -> list[str]:
 def capacity_cell(capacity: Capacity | None) -> str:
     if capacity is None:
         return ""
+    p50 = f"{capacity.p50:.1f} s" if capacity.errors < capacity.requests else "-"
     return (
         f"{capacity.requests} at once: {capacity.errors} errors, last answer "
-        f"{capacity.last_answer:.1f} s (p50 {capacity.p50:.1f} s), peak RSS "
-        f"{capacity.peak_rss / 2**20:.0f} MB"
+        f"{capacity.last_answer:.1f} s (p50 {p50}), peak RSS {capacity.peak_rss / 2**20:.0f} MB"
     )
 
 
