@@ -9,16 +9,17 @@ each ``--concurrency`` for three scenarios:
 - ``fusion``: ``model: "openfusion/demo"``, a 3-member panel (``demo/a``, ``demo/b``,
   ``demo/c``) and a judge (``demo/judge``): five provider calls, analysis JSON validated.
 
-So the numbers are what the server, the engine and the spend ledger cost per request;
-``--ledger none`` swaps the ledger for one that records nothing, to see the rest alone. The
-server gets a temporary config dir (``OPENFUSION_CONFIG_DIR`` / ``OPENFUSION_CACHE_DIR``), so
-its ledger is a throwaway SQLite file and no user config is read or written. Each cell starts
-with an untimed warm-up, then stops at ``--requests`` or ``--max-seconds``, whichever comes
-first (the table shows how many requests were done).
+So the numbers are what the server, the engine and the store (every run recorded, its spend
+in the ledger) cost per request. The server gets temporary config and data dirs
+(``OPENFUSION_CONFIG_DIR`` / ``OPENFUSION_DATA_DIR`` / ``OPENFUSION_CACHE_DIR``), so its store
+is a throwaway SQLite file and no user config is read or written; ``--database-url`` points it
+at another database (e.g. a PostgreSQL you can write to). Each cell starts with an untimed
+warm-up, then stops at ``--requests`` or ``--max-seconds``, whichever comes first (the table
+shows how many requests were done).
 
     pip install -e '.[bench]'
     python benchmarks/server_throughput.py [--requests 500] [--concurrency 1 16 64]
-    python benchmarks/server_throughput.py --ledger none
+    python benchmarks/server_throughput.py --database-url postgresql+asyncpg://postgres@127.0.0.1/test
 """
 
 from __future__ import annotations
@@ -71,30 +72,14 @@ UNSAFE_ENV = (
     "OPENROUTER_API_KEY",
     "OPENAI_API_KEY",
 )
-"""Not passed to the server: it must not reach the user's ledger or anything with a key."""
+"""Not passed to the server: it must not reach the user's store or anything with a key."""
 WARMUP_SECONDS = 2.0
 
 
 # -- the server (subprocess) ------------------------------------------------------------------
 
 
-class NullLedger:
-    """Records nothing: what the server calls on a ``SpendLedger`` for requests without a key."""
-
-    async def init(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-    async def reserve(self, *args: object, **kwargs: object) -> None:
-        return None
-
-    async def settle(self, *args: object, **kwargs: object) -> None:
-        pass
-
-
-def serve(ledger: str) -> None:
+def serve() -> None:
     """Serve the app on a free port of 127.0.0.1; print the port, run until terminated."""
     settings = Settings.load()
     registry = ProviderRegistry(settings)
@@ -108,11 +93,7 @@ def serve(ledger: str) -> None:
     }
     registry.register("demo", ScriptedProvider(script))
     config = uvicorn.Config(
-        create_app(
-            settings,
-            registry=registry,
-            ledger=NullLedger() if ledger == "none" else None,  # type: ignore[arg-type]
-        ),
+        create_app(settings, registry=registry),
         loop="uvloop",
         http="httptools",
         ws="none",
@@ -127,15 +108,18 @@ def serve(ledger: str) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def start_server(config_dir: Path, ledger: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(config_dir: Path, database_url: str | None) -> tuple[subprocess.Popen[str], str]:
     (config_dir / "presets").mkdir(parents=True)
     (config_dir / "config.toml").write_text(CONFIG)
     (config_dir / "presets" / "demo.toml").write_text(PRESET)
     env = {k: v for k, v in os.environ.items() if k not in UNSAFE_ENV}
     env["OPENFUSION_CONFIG_DIR"] = str(config_dir)
     env["OPENFUSION_CACHE_DIR"] = str(config_dir / "cache")
+    env["OPENFUSION_DATA_DIR"] = str(config_dir / "data")
+    if database_url:
+        env["OPENFUSION_DATABASE_URL"] = database_url
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--ledger", ledger],
+        [sys.executable, __file__, "--serve"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -182,7 +166,7 @@ def make_call(session: aiohttp.ClientSession, url: str, scenario: str) -> Call:
 async def main(args: argparse.Namespace) -> None:
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(Path(tmp), args.ledger)
+        proc, url = start_server(Path(tmp), args.database_url)
         try:
             timeout = aiohttp.ClientTimeout(total=30)
             async with aiohttp.ClientSession(timeout=timeout) as probe:
@@ -199,7 +183,7 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             proc.terminate()
             proc.wait(15)
-    print(f"ledger: {args.ledger}")
+    print(f"store: {'sqlite (a temporary file)' if not args.database_url else 'database_url'}")
     print(f"{'scenario':<9} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
     for r in results:
         p50, p99 = (1000 * percentile(r.latencies, q) for q in (0.5, 0.99))
@@ -214,12 +198,10 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=500, help="timed requests per cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-seconds", type=float, default=6.0, help="time limit per cell")
-    parser.add_argument(
-        "--ledger", choices=["sqlite", "none"], default="sqlite", help="spend ledger to use"
-    )
+    parser.add_argument("--database-url", help="the store's database (default: a temp SQLite)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.ledger)
+        serve()
     else:
         uvloop.run(main(args))

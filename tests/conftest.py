@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers import POSTGRES_URL
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from openfusion.settings import RetrySettings, Settings
+from openfusion.settings import RetrySettings, Settings, StoreSettings
 
 if TYPE_CHECKING:
     from server_fixtures import RunningServer
@@ -54,7 +59,12 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No user config, no real keys: each test sees a fresh config dir."""
     for var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY", "OPENFUSION_PRESET"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("OPENFUSION_DATABASE_URL", raising=False)
+    # The library records its runs unless told not to; tests of the engine need no store (the
+    # server records in any case, and the recording tests turn it back on).
+    monkeypatch.setenv("OPENFUSION_RECORD", "0")
     monkeypatch.setenv("OPENFUSION_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("OPENFUSION_DATA_DIR", str(tmp_path / "data"))
     # A cache of its own (corpus index, synced prices), but one model dir shared between
     # tests and runs: assembling Gemma takes seconds.
     cache = tmp_path / "cache"
@@ -72,6 +82,7 @@ def settings(tmp_path: Path) -> Settings:
         config_dir=tmp_path / "config",
         cache_dir=tmp_path / "cache",
         retries=RetrySettings(attempts=1),
+        store=StoreSettings(record=False),
     )
 
 
@@ -82,3 +93,30 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
 
     with ExitStack() as stack:
         yield lambda *args, **kwargs: stack.enter_context(run_server(*args, **kwargs))
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def postgres_schema() -> AsyncIterator[str]:
+    """A fresh schema in the local PostgreSQL's ``test`` database, dropped afterwards."""
+    if not _postgres_reachable():
+        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({POSTGRES_URL})")
+    schema = f"openfusion_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield schema
+    finally:
+        engine = create_async_engine(POSTGRES_URL)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        except (OSError, SQLAlchemyError):
+            pass  # the database could not be used: the test skipped before making the schema
+        finally:
+            await engine.dispose()

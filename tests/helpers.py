@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import pytest
+
+from openfusion.settings import Settings
+from openfusion.store import Store
+
+T = TypeVar("T")
+
+POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+"""The PostgreSQL that runs beside the tests here and in CI (each test uses a schema of its own:
+the ``postgres_schema`` fixture)."""
 
 ANALYSIS = {  # a judge's analysis in the contract's shape, as scripted judges return it
     "consensus": ["Jane Austen wrote it"],
@@ -49,3 +60,25 @@ def make_pdf(text: str, title: str = "") -> bytes:
     out += b"trailer\n<< /Size %d /Root 1 0 R /Info 6 0 R >>\n" % (len(objects) + 1)
     out += b"startxref\n%d\n%%%%EOF\n" % xref
     return bytes(out)
+
+
+def in_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """``work(store)`` on the settings' store, from sync or async test code alike (in a thread
+    with a loop of its own)."""
+
+    async def run() -> T:
+        async with Store.for_settings(settings) as store:
+            return await work(store)
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
+
+
+def create_key(settings: Settings, name: str, *, admin: bool = False) -> tuple[str, str]:
+    """A new API key in the settings' store: its id and the key."""
+
+    async def create(store: Store) -> tuple[str, str]:
+        record, key = await store.keys.create(name, admin=admin)
+        return record.id, key
+
+    return in_store(settings, create)

@@ -1,141 +1,186 @@
-"""Server API keys: the key store on disk, the bearer middleware, the bind check, ``keys`` CLI."""
+"""Server API keys: the key store in the database, the bearer middleware, the bind check, the
+``keys`` CLI, and the move of the first releases' key file into the database."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
-import stat
+import sqlite3
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import in_store
+from server_fixtures import RunningServer
 
 from openfusion.cli import main
 from openfusion.errors import ConfigError
-from openfusion.server.auth import (
-    BearerAuth,
-    KeyStore,
-    check_bind,
-    insecure_warning,
-    is_loopback,
-)
+from openfusion.server.auth import BearerAuth, check_bind, insecure_warning, is_loopback
+from openfusion.settings import Settings
+from openfusion.store import Database, KeyStore
+
+Serve = Callable[..., RunningServer]
 
 # --- KeyStore ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "config" / "api_keys.json"
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    yield database
+    await database.aclose()
 
 
 @pytest.fixture
-def store(path: Path) -> KeyStore:
-    return KeyStore(path)
+def store(database: Database) -> KeyStore:
+    return KeyStore(database)
 
 
-def test_create_and_verify(store: KeyStore) -> None:
-    record, key = store.create("laptop")
+async def test_create_and_verify(store: KeyStore) -> None:
+    record, key = await store.create("laptop")
     assert key.startswith("ofk-") and len(key) > 40
-    assert record.name == "laptop" and not record.revoked and record.id
-    assert store.verify(key) == record
-    assert store.verify(key + "x") is None
-    assert store.verify("ofk-" + "A" * 43) is None
-    assert store.verify("") is None
-    other_record, other_key = store.create("ci")
-    assert other_key != key and other_record.id != record.id
-    assert store.verify(other_key) == other_record
+    assert record.name == "laptop" and not record.revoked and not record.admin and record.id
+    assert await store.verify(key) == record
+    assert await store.verify(key + "x") is None
+    assert await store.verify("ofk-" + "A" * 43) is None
+    assert await store.verify("") is None
+    other_record, other_key = await store.create("ci", admin=True)
+    assert other_key != key and other_record.id != record.id and other_record.admin
+    assert await store.verify(other_key) == other_record
 
 
-def test_only_the_hash_is_on_disk(store: KeyStore, path: Path) -> None:
-    record, key = store.create("laptop")
-    text = path.read_text()
-    assert key not in text
-    assert key.removeprefix("ofk-") not in text
-    assert hashlib.sha256(key.encode()).hexdigest() in text
-    assert json.loads(text)["keys"][0]["id"] == record.id
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+async def test_only_the_hash_is_stored(store: KeyStore, tmp_path: Path) -> None:
+    record, key = await store.create("laptop")
+    dump = "\n".join(sqlite3.connect(tmp_path / "store.db").iterdump())
+    assert key not in dump
+    assert key.removeprefix("ofk-") not in dump
+    assert hashlib.sha256(key.encode()).hexdigest() in dump
     assert record.hash not in repr(record)
 
 
-def test_writes_leave_no_temp_files(store: KeyStore, path: Path) -> None:
-    store.create("a")
-    store.create("b")
-    store.revoke("a")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["api_keys.json"]
+async def test_revoke_by_id_and_name(store: KeyStore, database: Database) -> None:
+    laptop, laptop_key = await store.create("laptop")
+    ci, ci_key = await store.create("ci")
+    assert (await store.revoke(laptop.id)).revoked
+    assert await store.verify(laptop_key) is None
+    assert await store.has_active_keys()
+    assert (await store.revoke("ci")).id == ci.id
+    assert await store.verify(ci_key) is None
+    assert not await store.has_active_keys()
+    assert [(r.name, r.revoked) for r in await store.list()] == [("laptop", True), ("ci", True)]
+    assert [r.revoked for r in await KeyStore(database).list()] == [True, True]  # persisted
+    assert (await store.revoke(laptop.id)).revoked  # twice is harmless
 
 
-def test_failed_write_keeps_old_file_and_no_temp(
-    store: KeyStore, path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store.create("a")
-    before = path.read_text()
-
-    def broken_replace(src: Any, dst: Any) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        store.create("b")
-    assert path.read_text() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == ["api_keys.json"]
-
-
-def test_revoke_by_id_and_name(store: KeyStore, path: Path) -> None:
-    laptop, laptop_key = store.create("laptop")
-    ci, ci_key = store.create("ci")
-    assert store.revoke(laptop.id).revoked
-    assert store.verify(laptop_key) is None
-    assert store.has_active_keys()
-    assert store.revoke("ci").id == ci.id
-    assert store.verify(ci_key) is None
-    assert not store.has_active_keys()
-    assert [(r.name, r.revoked) for r in store.list()] == [("laptop", True), ("ci", True)]
-    assert [r.revoked for r in KeyStore(path).list()] == [True, True]  # persisted
-    assert store.revoke(laptop.id).revoked  # twice is harmless
-
-
-def test_revoke_unknown_is_a_config_error(store: KeyStore) -> None:
-    store.create("laptop")
+async def test_revoke_unknown_is_a_config_error(store: KeyStore) -> None:
+    await store.create("laptop")
     with pytest.raises(ConfigError, match=r"'phone'.*openfusion keys list"):
-        store.revoke("phone")
+        await store.revoke("phone")
 
 
-def test_names_are_unique_among_active_keys(store: KeyStore) -> None:
-    store.create("ci")
+async def test_names_are_unique_among_active_keys(store: KeyStore) -> None:
+    await store.create("ci")
     with pytest.raises(ConfigError, match="active key named 'ci'"):
-        store.create("ci")
-    store.revoke("ci")
-    record, key = store.create("ci")
-    assert store.verify(key) == record
+        await store.create("ci")
+    await store.revoke("ci")
+    record, key = await store.create("ci")
+    assert await store.verify(key) == record
     with pytest.raises(ConfigError, match="bad key name"):
-        store.create("  ")
+        await store.create("  ")
 
 
-def test_missing_file_means_no_keys(store: KeyStore, path: Path) -> None:
-    assert store.list() == []
-    assert not store.has_active_keys()
-    assert store.verify("ofk-anything") is None
-    assert not path.exists()
+async def test_admin_flag_can_be_set_and_cleared(store: KeyStore) -> None:
+    record, key = await store.create("ops")
+    assert (await store.set_admin("ops", True)).admin
+    assert (await store.verify(key)) == dataclasses.replace(record, admin=True)
+    assert not (await store.set_admin(record.id, False)).admin
+
+
+async def test_no_keys_at_first(store: KeyStore) -> None:
+    assert await store.list() == []
+    assert not await store.has_active_keys()
+    assert await store.verify("ofk-anything") is None
+
+
+async def test_two_stores_on_one_database_see_each_other(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    first, second = Database(url), Database(url)
+    try:
+        assert not await KeyStore(second).has_active_keys()
+        record, key = await KeyStore(first).create("laptop")
+        assert await KeyStore(second).verify(key) == record
+        await KeyStore(second).revoke("laptop")
+        assert await KeyStore(first).verify(key) is None
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+def legacy_key_file(path: Path, *, revoked: bool = False) -> tuple[str, str]:
+    """An ``api_keys.json`` as openfusion 0.1 wrote it; returns the key id and the key."""
+    key = "ofk-" + "k" * 43
+    record = {
+        "id": "a1b2c3d4",
+        "name": "old-laptop",
+        "hash": hashlib.sha256(key.encode()).hexdigest(),
+        "created": "2026-11-01T10:00:00+00:00",
+        "revoked": revoked,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": 1, "keys": [record]}))
+    return record["id"], key
+
+
+async def test_the_key_file_of_the_first_releases_moves_into_the_database(
+    store: KeyStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "config" / "api_keys.json"
+    key_id, key = legacy_key_file(path)
+    assert await store.import_file(path) == 1
+    assert not path.exists() and path.with_name("api_keys.json.imported").exists()
+    record = await store.verify(key)
+    assert record is not None and (record.id, record.name) == (key_id, "old-laptop")
+    assert record.created == "2026-11-01T10:00:00+00:00" and not record.admin
+    await store.revoke(key_id)
+    legacy_key_file(path)  # the file comes back (a backup restored): nothing is added again
+    assert await store.import_file(path) == 0
+    assert await store.verify(key) is None  # and the revocation stands
+    assert await store.import_file(tmp_path / "missing.json") == 0
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"keys": [{"id": "x"}]}', "[]"])
-def test_corrupt_file_is_a_config_error(store: KeyStore, path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True)
+async def test_a_corrupt_key_file_is_a_config_error(
+    store: KeyStore, tmp_path: Path, content: str
+) -> None:
+    path = tmp_path / "api_keys.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=r"api_keys\.json: not a valid API key file"):
-        store.list()
+        await store.import_file(path)
+    assert path.exists()
 
 
-def test_second_instance_sees_first_instances_keys(store: KeyStore, path: Path) -> None:
-    other = KeyStore(path)
-    assert not other.has_active_keys()  # loaded (empty) before the key exists
-    record, key = store.create("laptop")
-    assert other.verify(key) == record
-    assert KeyStore(path).verify(key) == record
-    other.revoke("laptop")
-    assert store.verify(key) is None  # and the first sees the second's revocation
+def test_the_cli_and_server_find_keys_of_the_old_file(serve: Serve) -> None:
+    settings = Settings.load()
+    _, key = legacy_key_file(settings.config_dir / "api_keys.json")
+    listing = CliRunner().invoke(main, ["keys", "list"])
+    assert listing.exit_code == 0 and "old-laptop" in listing.output
+    server = serve(settings)
+    assert _get(server.url + "/v1/models", key) == 200
+    assert _get(server.url + "/v1/models", "ofk-wrong") == 401
+
+
+def _get(url: str, key: str) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 # --- BearerAuth -------------------------------------------------------------------------------
@@ -187,7 +232,7 @@ async def test_no_store_or_no_keys_lets_everything_through(store: KeyStore) -> N
 
 
 async def test_missing_key_is_401(store: KeyStore) -> None:
-    store.create("laptop")
+    await store.create("laptop")
     inner = Inner()
     status, headers, body = await call(BearerAuth(inner, store))
     assert status == 401
@@ -200,7 +245,7 @@ async def test_missing_key_is_401(store: KeyStore) -> None:
 
 @pytest.mark.parametrize("auth", ["Bearer ofk-wrong-key-123", "Basic dXNlcjpwYXNz", "Bearer "])
 async def test_wrong_key_is_401_and_not_echoed(store: KeyStore, auth: str) -> None:
-    store.create("laptop")
+    await store.create("laptop")
     inner = Inner()
     status, _, body = await call(BearerAuth(inner, store), auth=auth)
     assert status == 401
@@ -211,7 +256,7 @@ async def test_wrong_key_is_401_and_not_echoed(store: KeyStore, auth: str) -> No
 
 
 async def test_valid_key_passes_and_lands_in_state(store: KeyStore) -> None:
-    record, key = store.create("laptop")
+    record, key = await store.create("laptop")
     inner = Inner()
     app = BearerAuth(inner, store)
     assert (await call(app, auth=f"Bearer {key}"))[0] == 200
@@ -220,17 +265,17 @@ async def test_valid_key_passes_and_lands_in_state(store: KeyStore) -> None:
 
 
 async def test_revoked_key_is_401(store: KeyStore) -> None:
-    _, key = store.create("laptop")
-    store.create("ci")
+    _, key = await store.create("laptop")
+    await store.create("ci")
     app = BearerAuth(Inner(), store)
     assert (await call(app, auth=f"Bearer {key}"))[0] == 200
-    KeyStore(store.path).revoke("laptop")
+    await KeyStore(store.db).revoke("laptop")  # `openfusion keys revoke`, elsewhere
     status, _, body = await call(app, auth=f"Bearer {key}")
     assert status == 401 and "revoked" in body["error"]["message"]
 
 
 async def test_health_stays_open_and_other_paths_are_closed(store: KeyStore) -> None:
-    store.create("laptop")
+    await store.create("laptop")
     inner = Inner()
     app = BearerAuth(inner, store)
     assert (await call(app, "/health"))[0] == 200
@@ -240,7 +285,7 @@ async def test_health_stays_open_and_other_paths_are_closed(store: KeyStore) -> 
 
 
 async def test_lifespan_passes_through(store: KeyStore) -> None:
-    store.create("laptop")
+    await store.create("laptop")
     inner = Inner()
 
     async def receive() -> dict[str, Any]:
@@ -256,28 +301,29 @@ async def test_lifespan_passes_through(store: KeyStore) -> None:
 async def test_key_created_while_running_turns_auth_on(store: KeyStore) -> None:
     app = BearerAuth(Inner(), store)
     assert (await call(app))[0] == 200
-    _, key = KeyStore(store.path).create("laptop")  # `openfusion keys create` meanwhile
+    _, key = await KeyStore(store.db).create("laptop")  # `openfusion keys create` meanwhile
     assert (await call(app))[0] == 401
     assert (await call(app, auth=f"Bearer {key}"))[0] == 200
 
 
 async def test_revoking_every_key_locks_instead_of_opening(store: KeyStore) -> None:
-    _, key = store.create("laptop")
+    _, key = await store.create("laptop")
     app = BearerAuth(Inner(), store)
     assert (await call(app, auth=f"Bearer {key}"))[0] == 200
-    store.revoke("laptop")
+    await store.revoke("laptop")
     assert (await call(app))[0] == 401
-    store.path.unlink()
-    assert (await call(app))[0] == 401
+    assert (await call(app, auth=f"Bearer {key}"))[0] == 401
 
 
-async def test_unreadable_key_file_fails_closed(store: KeyStore) -> None:
-    _, key = store.create("laptop")
+async def test_an_unreadable_database_fails_closed(store: KeyStore, tmp_path: Path) -> None:
+    _, key = await store.create("laptop")
     app = BearerAuth(Inner(), store)
-    store.path.write_text("{broken")
+    assert (await call(app, auth=f"Bearer {key}"))[0] == 200
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        db.execute("DROP TABLE api_keys")  # the database breaks under the running server
     status, _, body = await call(app, auth=f"Bearer {key}")
-    assert status == 500
-    assert "API key file" in body["error"]["message"]
+    assert status == 503
+    assert "cannot read its API keys" in body["error"]["message"]
     assert key not in json.dumps(body)
 
 
@@ -335,8 +381,8 @@ def test_insecure_warning_is_loud() -> None:
 # --- keys CLI ---------------------------------------------------------------------------------
 
 
-def _cli_store() -> KeyStore:
-    return KeyStore(Path(os.environ["OPENFUSION_CONFIG_DIR"]) / "api_keys.json")
+def _verify(key: str) -> Any:
+    return in_store(Settings.load(), lambda store: store.keys.verify(key))
 
 
 def test_cli_create_prints_the_key_once() -> None:
@@ -345,8 +391,23 @@ def test_cli_create_prints_the_key_once() -> None:
     key = result.stdout.strip()
     assert key.startswith("ofk-") and "\n" not in key
     assert "cannot be shown again" in result.stderr
-    record = _cli_store().verify(key)
-    assert record is not None and record.name == "laptop"
+    record = _verify(key)
+    assert record is not None and record.name == "laptop" and not record.admin
+
+
+def test_cli_admin_keys() -> None:
+    runner = CliRunner()
+    made = runner.invoke(main, ["keys", "create", "ops", "--admin"])
+    assert made.exit_code == 0, made.output
+    assert "created admin key" in made.stderr
+    assert _verify(made.stdout.strip()).admin
+    plain = runner.invoke(main, ["keys", "create", "ci"]).stdout.strip()
+    assert runner.invoke(main, ["keys", "admin", "ci", "on"]).exit_code == 0
+    assert _verify(plain).admin
+    listing = runner.invoke(main, ["keys", "list"], env={"COLUMNS": "200"})
+    header, *lines = listing.output.splitlines()
+    assert header.split()[4] == "admin"
+    assert [line.split().count("yes") for line in lines] == [1, 1]  # admin; revoked is empty
 
 
 def test_cli_list_shows_records_never_keys_or_hashes() -> None:
@@ -357,9 +418,9 @@ def test_cli_list_shows_records_never_keys_or_hashes() -> None:
     runner.invoke(main, ["keys", "create", "ci"])
     result = runner.invoke(main, ["keys", "list"])
     assert result.exit_code == 0, result.output
-    for record in _cli_store().list():
+    for record in in_store(Settings.load(), lambda store: store.keys.list()):
         assert record.id in result.output and record.name in result.output
-        assert record.created in result.output
+        assert record.created[:16].replace("T", " ") in result.output
         assert record.hash not in result.output
     assert key not in result.output
 
@@ -370,7 +431,7 @@ def test_cli_revoke() -> None:
     result = runner.invoke(main, ["keys", "revoke", "laptop"])
     assert result.exit_code == 0, result.output
     assert "revoked" in result.output
-    assert _cli_store().verify(key) is None
+    assert _verify(key) is None
     listing = runner.invoke(main, ["keys", "list"]).output
     assert "yes" in listing.splitlines()[1]
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import aiohttp
 import openai
 import pytest
+from helpers import create_key
 from openai import AsyncOpenAI
 from pydantic import Field
 from server_fixtures import (
@@ -31,7 +32,6 @@ from server_fixtures import (
 from upstream_mock import MockUpstream, Reply
 
 from openfusion.providers.scripted import Step
-from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
 from openfusion.tools import Source, Tool, ToolOutput, ToolRegistry
 from openfusion.types import ToolCall
@@ -307,7 +307,7 @@ async def test_not_found_generation_and_upstream_model(serve: Serve) -> None:
 
 async def test_api_keys(serve: Serve) -> None:
     demo = setup_demo()
-    _, key = KeyStore.for_settings(demo.settings).create("t")
+    _, key = create_key(demo.settings, "t")
     server = serve(demo.settings, demo.registry)
     async with sdk(server, api_key="ofk-wrong") as client:
         with pytest.raises(openai.AuthenticationError) as caught:
@@ -631,9 +631,8 @@ async def test_citations_arrive_as_url_citation_annotations(serve: Serve) -> Non
 
 async def test_a_key_reads_only_its_own_generations(serve: Serve) -> None:
     demo = setup_demo()
-    store = KeyStore.for_settings(demo.settings)
-    _, alice = store.create("alice")
-    _, bob = store.create("bob")
+    _, alice = create_key(demo.settings, "alice")
+    _, bob = create_key(demo.settings, "bob")
     server = serve(demo.settings, demo.registry)
     async with sdk(server, api_key=alice) as client:
         raw = await client.chat.completions.with_raw_response.create(

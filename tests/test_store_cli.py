@@ -6,15 +6,15 @@ import asyncio
 
 import pytest
 from click.testing import CliRunner
+from helpers import in_store
 
 from openfusion.cli import main
-from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
 from openfusion.store import SpendLedger, SpendRow
 
 
 def key_id(name: str) -> str:
-    record = KeyStore.for_settings(Settings.load()).find(name)
+    record = in_store(Settings.load(), lambda store: store.keys.find(name))
     assert record is not None
     return record.id
 
@@ -39,7 +39,16 @@ def test_create_with_a_budget_and_list_it() -> None:
     listing = runner.invoke(main, ["keys", "list"], env={"COLUMNS": "200"})
     assert listing.exit_code == 0, listing.output
     header, *lines = listing.output.splitlines()
-    assert header.split() == ["id", "name", "created", "revoked", "budget", "spent", "remaining"]
+    assert header.split() == [
+        "id",
+        "name",
+        "created",
+        "revoked",
+        "admin",
+        "budget",
+        "spent",
+        "remaining",
+    ]
     ci = next(line for line in lines if " ci " in line)
     assert ci.split()[-3:] == ["$5.00", "$1.25", "$3.75"]
     laptop = next(line for line in lines if " laptop " in line)

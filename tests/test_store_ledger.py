@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import create_async_engine
+from helpers import POSTGRES_URL
 
 from openfusion.errors import ConfigError
 from openfusion.settings import Settings
@@ -24,8 +20,6 @@ from openfusion.store import (
     format_usd,
     to_nano,
 )
-
-POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 class Clock:
@@ -230,10 +224,13 @@ async def test_unusable_databases_are_config_errors_without_secrets(tmp_path: Pa
 
 
 def test_database_url_setting(tmp_path: Path) -> None:
-    config = tmp_path / "cfg"
-    default = Settings.load({"OPENFUSION_CONFIG_DIR": str(config)})
-    assert default.database == f"sqlite+aiosqlite:///{config / 'openfusion.db'}"
+    config, data = tmp_path / "cfg", tmp_path / "data"
+    dirs = {"OPENFUSION_CONFIG_DIR": str(config), "OPENFUSION_DATA_DIR": str(data)}
+    default = Settings.load(dirs)
+    assert default.database == f"sqlite+aiosqlite:///{data / 'openfusion.db'}"
     config.mkdir()
+    (config / "openfusion.db").write_bytes(b"")  # where the first releases kept the ledger
+    assert Settings.load(dirs).database == f"sqlite+aiosqlite:///{config / 'openfusion.db'}"
     (config / "config.toml").write_text('database_url = "sqlite+aiosqlite:////x/a.db"\n')
     assert Settings.load({"OPENFUSION_CONFIG_DIR": str(config)}).database.endswith("/x/a.db")
     env = {"OPENFUSION_CONFIG_DIR": str(config), "OPENFUSION_DATABASE_URL": POSTGRES_URL}
@@ -268,33 +265,6 @@ async def test_concurrent_reservations_never_pass_the_budget_sqlite(tmp_path: Pa
         assert len(won) == 33
         status = await second.budget("k")
         assert status.reserved_nano == 33 * 30_000_000 <= NANO
-
-
-def _postgres_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-async def postgres_schema() -> AsyncIterator[str]:
-    """A fresh schema in the local PostgreSQL's ``test`` database, dropped afterwards."""
-    if not _postgres_reachable():
-        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({POSTGRES_URL})")
-    schema = f"openfusion_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield schema
-    finally:
-        engine = create_async_engine(POSTGRES_URL)
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        except (OSError, SQLAlchemyError):
-            pass  # the database could not be used: the test skipped before making the schema
-        finally:
-            await engine.dispose()
 
 
 async def test_concurrent_reservations_never_pass_the_budget_postgres(

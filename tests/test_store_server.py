@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import create_key, in_store
 from server_fixtures import (
     ANALYSIS_COST,
     PANEL_COSTS,
@@ -22,7 +23,6 @@ from server_fixtures import (
 )
 
 from openfusion.providers.scripted import Step
-from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
 from openfusion.store import NANO, SpendLedger, to_nano
 
@@ -67,12 +67,12 @@ def setup(config: str = "", **extra: Any) -> tuple[Settings, Any, str]:
     """The demo preset with known prices; returns settings, registry and a new API key."""
     demo = setup_demo(config, **extra)
     (config_dir() / "prices.toml").write_text(PRICES)
-    _, key = KeyStore.for_settings(demo.settings).create("metered")
+    _, key = create_key(demo.settings, "metered")
     return demo.settings, demo.registry, key
 
 
 def key_id(settings: Settings) -> str:
-    return KeyStore.for_settings(settings).list()[0].id
+    return in_store(settings, lambda store: store.keys.list())[0].id
 
 
 async def set_budget(settings: Settings, usd: float | None) -> None:

@@ -11,18 +11,17 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
+from openfusion.cli_store import db, keys, runs, with_store
 from openfusion.engine import (
     AnswerDelta,
     Done,
@@ -35,12 +34,9 @@ from openfusion.engine import (
 )
 from openfusion.errors import ConfigError, OpenFusionError
 from openfusion.presets import Preset, list_presets, load_preset
-from openfusion.server.auth import KeyStore
 from openfusion.settings import Settings
-from openfusion.store import BudgetStatus, SpendLedger, format_usd
+from openfusion.store.recorder import StoreRecorder
 from openfusion.types import Usage
-
-T = TypeVar("T")
 
 STYLE = {"waiting": "dim", "running": "yellow", "done": "green", "failed": "red"}
 
@@ -146,6 +142,11 @@ def main() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="USD budget: calls that could overrun it are not started.",
 )
+@click.option(
+    "--record/--no-record",
+    default=None,
+    help="Record the run in the store (default: [store] record, on unless OPENFUSION_RECORD=0).",
+)
 def ask(
     question: str,
     preset: str | None,
@@ -155,6 +156,7 @@ def ask(
     as_json: bool,
     show_analysis: bool,
     max_cost: float | None,
+    record: bool | None,
 ) -> None:
     """Answer QUESTION with a fusion ('-' reads it from stdin)."""
     if question == "-":
@@ -163,6 +165,10 @@ def ask(
         raise click.UsageError("the question is empty")
     try:
         settings = Settings.load()
+        if record is not None:
+            settings = dataclasses.replace(
+                settings, store=settings.store.model_copy(update={"record": record})
+            )
         chosen = _preset(settings, preset, panel, judge)
         result = asyncio.run(
             _ask(chosen, settings, question, temperature, max_cost, stream=not as_json)
@@ -177,7 +183,7 @@ def ask(
     elif show_analysis:
         err.print("\n[bold]analysis[/]")
         err.print_json(data=result.analysis) if result.analysis else err.print("(none)")
-    _summary(err, result)
+    _summary(err, result, recorded=settings.store.record)
     if result.status == "error":
         sys.exit(1)
 
@@ -204,30 +210,35 @@ async def _ask(
     view = LiveView()
     err.print(f"[bold]{escape(preset.name)}[/] · {len(preset.panel)} panel · judge {preset.judge}")
     result: FusionResult | None = None
-    async with Fusion(preset, settings=settings) as fusion:
-        events = fusion.stream(question, temperature=temperature, max_cost=max_cost)
-        with (
-            Live(view, console=err, refresh_per_second=8, transient=False)
-            if err.is_terminal
-            else _Quiet() as live
-        ):
-            async for event in events:
-                row = view.update(event)
-                if not err.is_terminal:
-                    _log(err, event, row)
-                if (
-                    isinstance(event, StageEvent)
-                    and event.stage == "synthesis"
-                    and event.state == "running"
-                ):
-                    live.stop()
-                if isinstance(event, AnswerDelta) and stream:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                if isinstance(event, Done):
-                    result = event.result
-    if stream and result is not None and result.content:
-        sys.stdout.write("\n")
+    recorder = StoreRecorder.for_settings(settings, source="cli") if settings.store.record else None
+    try:
+        async with Fusion(preset, settings=settings, recorder=recorder) as fusion:
+            events = fusion.stream(question, temperature=temperature, max_cost=max_cost)
+            with (
+                Live(view, console=err, refresh_per_second=8, transient=False)
+                if err.is_terminal
+                else _Quiet() as live
+            ):
+                async for event in events:
+                    row = view.update(event)
+                    if not err.is_terminal:
+                        _log(err, event, row)
+                    if (
+                        isinstance(event, StageEvent)
+                        and event.stage == "synthesis"
+                        and event.state == "running"
+                    ):
+                        live.stop()
+                    if isinstance(event, AnswerDelta) and stream:
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                    if isinstance(event, Done):
+                        result = event.result
+        if stream and result is not None and result.content:
+            sys.stdout.write("\n")
+    finally:
+        if recorder is not None:
+            await recorder.aclose()  # writes what is pending; a failure is logged, not raised
     assert result is not None
     return result
 
@@ -257,7 +268,7 @@ class _Quiet:
         return None
 
 
-def _summary(err: Console, result: FusionResult) -> None:
+def _summary(err: Console, result: FusionResult, *, recorded: bool) -> None:
     answered = len(result.responses)
     total = answered + len(result.failed_models)
     parts = [
@@ -267,6 +278,8 @@ def _summary(err: Console, result: FusionResult) -> None:
         f"{result.usage.total_tokens} tokens",
         _cost(result.usage.cost),
     ]
+    if recorded:
+        parts.append(f"run {result.run_id}")
     err.print(f"[dim]{' · '.join(parts)}[/]")
     if result.sources:
         retrieved = ", ".join(str(s["url"]) for s in result.sources)
@@ -417,9 +430,9 @@ def serve(host: str, port: int, workers: int, insecure_no_auth: bool) -> None:
 
     try:
         settings = Settings.load()
-        has_keys = KeyStore.for_settings(settings).has_active_keys()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    has_keys = with_store(lambda store: store.keys.has_active_keys())
     refusal = check_bind(host, has_keys, insecure_no_auth)
     if refusal:
         raise click.ClickException(refusal)
@@ -442,160 +455,6 @@ def serve(host: str, port: int, workers: int, insecure_no_auth: bool) -> None:
     )
 
 
-@main.group()
-def keys() -> None:
-    """Manage the API keys that clients of `openfusion serve` send as Bearer tokens."""
-
-
-def _key_store() -> KeyStore:
-    try:
-        return KeyStore.for_settings(Settings.load())
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-def _with_ledger(work: Callable[[SpendLedger], Awaitable[T]]) -> T:
-    """Run ``work`` on the spend ledger of the configured database."""
-
-    async def run() -> T:
-        async with SpendLedger(settings.database) as ledger:
-            return await work(ledger)
-
-    try:
-        settings = Settings.load()
-        return asyncio.run(run())
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise click.ClickException(f"the spend ledger's database failed: {exc}") from exc
-
-
-def _parse_budget(text: str) -> float | None:
-    if text.strip().lower() in ("none", "off"):
-        return None
-    try:
-        usd = float(text)
-    except ValueError:
-        usd = -1.0
-    if not (usd >= 0 and usd != float("inf")):
-        raise click.BadParameter(
-            f"{text!r}: give an amount of USD like 5 or 0.50, or `none` to remove the budget",
-            param_hint="USD",
-        )
-    return usd
-
-
-def _budget_line(status: BudgetStatus) -> str:
-    if status.limit_nano is None:
-        return f"no budget (spent {format_usd(status.spent_nano)})"
-    remaining = status.remaining_nano or 0
-    return (
-        f"budget {format_usd(status.limit_nano)}: spent {format_usd(status.spent_nano)}, "
-        f"remaining {format_usd(max(remaining, 0))}"
-    )
-
-
-@keys.command("create")
-@click.argument("name")
-@click.option(
-    "--budget",
-    type=click.FloatRange(min=0),
-    help="USD this key may spend in all (requests past it get 402); default: no limit.",
-)
-def keys_create(name: str, budget: float | None) -> None:
-    """Create a key called NAME and print it (only the key goes to stdout)."""
-    store = _key_store()
-    try:
-        record, key = store.create(name)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(key)
-    click.echo(
-        f"created key {record.id} ({record.name}). Copy it now: it cannot be shown again "
-        f"(only its hash is kept in {store.path}). Clients send `Authorization: Bearer <key>`.",
-        err=True,
-    )
-    if budget is not None:
-
-        async def limit(ledger: SpendLedger) -> BudgetStatus:
-            await ledger.set_budget(record.id, budget)
-            return await ledger.budget(record.id)
-
-        try:
-            status = _with_ledger(limit)
-        except click.ClickException as exc:
-            raise click.ClickException(
-                f"key {record.id} was created, but its budget was not set: {exc.message}. "
-                f"Set it with `openfusion keys budget {record.id} {budget}`"
-            ) from exc
-        click.echo(f"key {record.id}: {_budget_line(status)}", err=True)
-
-
-@keys.command("budget")
-@click.argument("id_or_name")
-@click.argument("usd")
-def keys_budget(id_or_name: str, usd: str) -> None:
-    """Set how many USD the key ID_OR_NAME may spend in all, or `none` for no limit.
-
-    What it has spent already counts: a budget below that refuses its next request (402).
-    """
-    amount = _parse_budget(usd)
-    try:
-        record = _key_store().find(id_or_name)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if record is None:
-        raise click.ClickException(
-            f"no API key with id or name {id_or_name!r}: `openfusion keys list` shows them"
-        )
-
-    async def limit(ledger: SpendLedger) -> BudgetStatus:
-        await ledger.set_budget(record.id, amount)
-        return await ledger.budget(record.id)
-
-    click.echo(f"key {record.id} ({record.name}): {_budget_line(_with_ledger(limit))}")
-
-
-@keys.command("list")
-def keys_list() -> None:
-    """List the keys: id, name, created, revoked, budget, spent, remaining (never the key or
-    its hash)."""
-    store = _key_store()
-    try:
-        records = store.list()
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if not records:
-        click.echo("no API keys yet: create one with `openfusion keys create NAME`", err=True)
-        return
-
-    async def statuses(ledger: SpendLedger) -> list[BudgetStatus]:
-        return [await ledger.budget(record.id) for record in records]
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("id", "name", "created", "revoked", "budget", "spent", "remaining"):
-        table.add_column(column)
-    for record, status in zip(records, _with_ledger(statuses), strict=True):
-        remaining = status.remaining_nano
-        table.add_row(
-            record.id,
-            escape(record.name),
-            record.created,
-            "yes" if record.revoked else "",
-            "" if status.limit_nano is None else format_usd(status.limit_nano),
-            format_usd(status.spent_nano),
-            "" if remaining is None else format_usd(max(remaining, 0)),
-        )
-    Console(highlight=False).print(table)
-
-
-@keys.command("revoke")
-@click.argument("id_or_name")
-def keys_revoke(id_or_name: str) -> None:
-    """Revoke a key by its id or name; a running server refuses it from the next request on."""
-    store = _key_store()
-    try:
-        record = store.revoke(id_or_name)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"revoked key {record.id} ({record.name})")
+main.add_command(keys)
+main.add_command(runs)
+main.add_command(db)

@@ -3,6 +3,7 @@
     OpenFusionError
     ├── ConfigError              a setting, preset, template or model id is wrong: fix the config
     │   └── MissingAPIKeyError   the env var holding a provider's key is unset (names the variable)
+    ├── StoreError               the store's database failed during use (down, locked, full)
     └── ProviderError            one call to one model failed; carries reason, status, message
         ├── UpstreamError        the upstream answered with an HTTP error status
         ├── UpstreamTimeout      no (complete) answer in time
@@ -20,6 +21,10 @@ class OpenFusionError(Exception):
 
 class ConfigError(OpenFusionError):
     """The configuration (settings, preset, template, model id) cannot be used as it is."""
+
+
+class StoreError(OpenFusionError):
+    """The store's database failed while in use; the message names it (never its password)."""
 
 
 class MissingAPIKeyError(ConfigError):

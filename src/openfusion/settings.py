@@ -7,8 +7,8 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
 
     default_preset = "budget"          # else: "budget" when OPENROUTER_API_KEY is set, else "local"
     prompts_dir = "/path/to/templates" # optional; files here override the shipped templates
-    database_url = "postgresql+asyncpg://user@db/openfusion"  # spend ledger and budgets;
-                                       # default: SQLite, <config dir>/openfusion.db
+    database_url = "postgresql+asyncpg://user@db/openfusion"  # runs, spend, keys (the store);
+                                       # default: SQLite, <data dir>/openfusion.db
 
     [providers.ollama]                 # any OpenAI-compatible server becomes "ollama/<model>"
     type = "openai_compat"
@@ -33,6 +33,12 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     max_body_bytes = 1000000
     default_reservation_usd = 1.0      # held per request on a key with a budget, w/o max_cost
     reservation_ttl_seconds = 900.0    # older reservations (a crashed server's) stop counting
+
+    [store]
+    record = true                      # the library and `openfusion ask` record their runs
+                                       # (OPENFUSION_RECORD=0 turns it off; a server always does)
+    keep_days = 30                     # runs older than this are pruned (0: keep them)
+    max_mb = 1000                      # and the oldest beyond this size (0: no cap)
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ ENV_CONFIG_DIR = "OPENFUSION_CONFIG_DIR"
 ENV_CACHE_DIR = "OPENFUSION_CACHE_DIR"
 ENV_PRESET = "OPENFUSION_PRESET"
 ENV_DATABASE_URL = "OPENFUSION_DATABASE_URL"
+ENV_DATA_DIR = "OPENFUSION_DATA_DIR"
+ENV_RECORD = "OPENFUSION_RECORD"
 DATABASE_FILE = "openfusion.db"
 
 
@@ -104,6 +112,19 @@ class ServerSettings(BaseModel):
     """A reservation older than this (its server crashed) no longer counts against a budget."""
 
 
+class StoreSettings(BaseModel):
+    """The run store (the database itself is ``database_url``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    record: bool = True
+    """The library and ``openfusion ask`` record their runs (a server always records)."""
+    keep_days: float = Field(30.0, ge=0)
+    """Runs older than this many days are pruned; 0 keeps them. Spend is never pruned."""
+    max_mb: float = Field(1000.0, ge=0)
+    """The oldest runs are pruned while the runs take more than this; 0: no cap."""
+
+
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -116,6 +137,7 @@ class ConfigFile(BaseModel):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: RetrySettings = Field(default_factory=RetrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
 
 BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
@@ -144,8 +166,11 @@ class Settings:
     retries: RetrySettings = field(default_factory=RetrySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     tools: Mapping[str, Any] = field(default_factory=dict)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    data_dir: Path | None = None
+    """Where the default SQLite database lives; ``None``: the config dir."""
     database_url: str | None = field(default=None, repr=False)
-    """SQLAlchemy async URL of the spend ledger; ``None``: SQLite in the config dir. Not in
+    """SQLAlchemy async URL of the store; ``None``: the SQLite file (see ``database``). Not in
     ``repr``: it may hold a password."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
@@ -155,7 +180,11 @@ class Settings:
         env = dict(os.environ if environ is None else environ)
         config_dir = Path(env.get(ENV_CONFIG_DIR) or platformdirs.user_config_dir("openfusion"))
         cache_dir = Path(env.get(ENV_CACHE_DIR) or platformdirs.user_cache_dir("openfusion"))
+        data_dir = Path(env.get(ENV_DATA_DIR) or platformdirs.user_data_dir("openfusion"))
         config = _read_config(config_dir / "config.toml")
+        store = config.store
+        if env.get(ENV_RECORD):
+            store = store.model_copy(update={"record": _flag(ENV_RECORD, env[ENV_RECORD])})
         return cls(
             config_dir=config_dir,
             cache_dir=cache_dir,
@@ -166,14 +195,23 @@ class Settings:
             retries=config.retries,
             tools=config.tools,
             server=config.server,
+            store=store,
+            data_dir=data_dir,
             database_url=env.get(ENV_DATABASE_URL) or config.database_url,
             env=env,
         )
 
     @property
     def database(self) -> str:
-        """The ledger's database URL: ``database_url``, else ``<config dir>/openfusion.db``."""
-        return self.database_url or f"sqlite+aiosqlite:///{self.config_dir / DATABASE_FILE}"
+        """The store's database URL: ``database_url``, else the SQLite file
+        ``<data dir>/openfusion.db`` — or ``<config dir>/openfusion.db`` when that exists (where
+        openfusion's first releases kept the spend ledger: it stays in use there)."""
+        if self.database_url:
+            return self.database_url
+        path = self.config_dir / DATABASE_FILE
+        if self.data_dir is not None and not path.exists():
+            path = self.data_dir / DATABASE_FILE
+        return f"sqlite+aiosqlite:///{path}"
 
     @property
     def prompt_dirs(self) -> list[Path]:
@@ -201,6 +239,15 @@ def _read_config(path: Path) -> ConfigFile:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+
+
+def _flag(name: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r}: use 1 or 0 (true/false, yes/no, on/off)")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -8,12 +8,14 @@ the final ``FusionResult``. Failures of single calls are data (``MemberFailure``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -42,7 +44,23 @@ from openfusion.engine.result import (
     MemberFailure,
     MemberResponse,
     StageEvent,
+    ToolCallRecord,
     ToolEvent,
+)
+from openfusion.engine.trace import (
+    DEFAULT,
+    CallObserver,
+    FusionPlan,
+    ModelCallEvent,
+    RunEnd,
+    RunRecorder,
+    RunStart,
+    RunTrace,
+    RunTraceHandle,
+    Stage,
+    ToolCallEvent,
+    TraceEvent,
+    UseDefault,
 )
 from openfusion.errors import ConfigError, ProviderError
 from openfusion.presets import MAX_TOOL_CALLS, Preset, load_preset
@@ -50,9 +68,11 @@ from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.settings import Settings, describe_validation_error
 from openfusion.tools import ToolRegistry, ToolSettings, corpus_path, default_tools
-from openfusion.types import CompletionRequest, Message, ToolCall, Usage
+from openfusion.types import CompletionRequest, Message, Usage
 
 DEPTH_HEADER = "x-openrouter-fusion-depth"
+
+log = logging.getLogger(__name__)
 
 Emit = Callable[[FusionEvent], None]
 
@@ -70,7 +90,9 @@ class Fusion:
     model) loaded across runs; used bare, each run closes what it opened.
 
     ``caller`` carries retries, fallbacks, the circuit breaker and prices; pass one to share
-    breaker state between fusions (the server does).
+    breaker state between fusions (the server does). ``recorder`` records each run: by default
+    to the store the settings name (``[store] record``, on unless turned off); ``None`` records
+    nothing.
     """
 
     def __init__(
@@ -84,6 +106,7 @@ class Fusion:
         tools: ToolRegistry | None = None,
         depth: int = 0,
         shuffle_seed: int | None = None,
+        recorder: RunRecorder | UseDefault | None = DEFAULT,
     ) -> None:
         self.preset = preset
         self.settings = settings or Settings.load()
@@ -95,6 +118,9 @@ class Fusion:
         self._rng = random.Random(shuffle_seed)
         self._entered = False
         self._available = tools
+        self._recorder_choice = recorder
+        self._default_recorder: RunRecorder | None = None
+        self._close_lock = asyncio.Lock()
 
     @property
     def tools(self) -> ToolRegistry | None:
@@ -133,8 +159,23 @@ class Fusion:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._owns_registry:
-            await self.registry.aclose()
+        async with self._close_lock:  # a second close waits for the first
+            if self._owns_registry:
+                await self.registry.aclose()
+            if self._default_recorder is not None:
+                recorder, self._default_recorder = self._default_recorder, None
+                await recorder.aclose()
+
+    @property
+    def recorder(self) -> RunRecorder | None:
+        """Where runs are recorded (``None``: nowhere)."""
+        if self._recorder_choice is not DEFAULT:
+            return self._recorder_choice
+        if self._default_recorder is None and self.settings.store.record:
+            from openfusion.store.recorder import StoreRecorder  # the store holds the SQL
+
+            self._default_recorder = StoreRecorder.for_settings(self.settings, source="library")
+        return self._default_recorder
 
     def check(self) -> None:
         """Resolve every model id of the preset now: raises ``ConfigError`` (unknown provider,
@@ -156,6 +197,7 @@ class Fusion:
         tools: Sequence[str] | None = None,
         max_tool_calls: int | None = None,
         run_id: str | None = None,
+        trace: RunTrace | None = None,
     ) -> FusionResult:
         """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
         events = self.stream(
@@ -166,10 +208,12 @@ class Fusion:
             tools=tools,
             max_tool_calls=max_tool_calls,
             run_id=run_id,
+            trace=trace,
         )
-        async for event in events:
-            if isinstance(event, Done):
-                return event.result
+        async with aclosing(events):  # its cleanup (and the run's record) before we return
+            async for event in events:
+                if isinstance(event, Done):
+                    return event.result
         raise RuntimeError("fusion ended without a result")  # pragma: no cover - a bug if reached
 
     async def stream(
@@ -182,15 +226,17 @@ class Fusion:
         tools: Sequence[str] | None = None,
         max_tool_calls: int | None = None,
         run_id: str | None = None,
-    ) -> AsyncIterator[FusionEvent]:
+        trace: RunTrace | None = None,
+    ) -> AsyncGenerator[FusionEvent, None]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
         ``temperature`` overrides the panel's; ``synthesise=False`` stops after the analysis
         (for a caller model that writes the answer itself); ``max_cost`` (USD) is a budget: a
         call that could overrun it is not started; ``tools`` names the tools members may use
         (``[]``: none) and ``max_tool_calls`` caps their calls (at most 16); ``run_id`` names the
-        run (default: a new random id). Closing the iterator early cancels every call still
-        running.
+        run (default: a new random id). ``trace`` receives everything the run does (see
+        ``engine/trace.py``); without one, the run is recorded by ``recorder``. Closing the
+        iterator early cancels every call still running.
         """
         messages = _as_messages(prompt)
         try:
@@ -201,18 +247,33 @@ class Fusion:
             calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
             tool_use = (registry, min(calls, MAX_TOOL_CALLS))
             run_id = run_id or uuid.uuid4().hex
+            options = {"temperature": temperature, "max_cost": max_cost, "tools": tools}
+            options |= {"max_tool_calls": max_tool_calls, "synthesise": synthesise}
+            own: RunTraceHandle | None = None
+            if trace is None and self.recorder is not None:
+                start = RunStart(run_id, "fusion", messages, f"openfusion/{self.preset.name}")
+                trace = own = self.recorder.start_run(dataclasses.replace(start, options=options))
             run = _Run(self, messages, temperature, budget, tool_use, queue.put_nowait, run_id)
+            run.trace = trace
             task = asyncio.create_task(run.execute(synthesise))
             task.add_done_callback(lambda _: queue.put_nowait(None))
+            end = RunEnd("cancelled")
             try:
                 while (event := await queue.get()) is not None:
+                    if isinstance(event, Done):
+                        end = RunEnd.of(event.result)
                     yield event
                 task.result()  # re-raise a bug in the engine rather than end quietly
+            except Exception as exc:
+                end = RunEnd("error", failure_message=f"{type(exc).__name__}: {exc}")
+                raise
             finally:
                 if not task.done():
                     task.cancel()
                     with suppress(asyncio.CancelledError):
                         await task
+                if own is not None:
+                    own.finish(end)
         finally:
             if not self._entered:
                 await self.aclose()
@@ -239,15 +300,37 @@ class _Run:
         self.question = next(m.content for m in reversed(messages) if m.role == "user")
         self.temperature = temperature
         self.budget = budget
-        self.emit = emit
+        self._emit = emit
         self.headers = {DEPTH_HEADER: str(fusion.depth + 1)}
         self.started = time.monotonic()
         self.tools, self.max_tool_calls = tool_use
         self.sources: list[tuple[str, str]] = []
         """``(url, title)`` of every document a member's tool call returned, in order."""
+        self.trace: RunTrace | None = None
+
+    def emit(self, event: FusionEvent) -> None:
+        self.record(event)
+        self._emit(event)
+
+    def record(self, event: TraceEvent) -> None:
+        """Feed the trace; one that fails is logged and dropped (the answer goes on)."""
+        if self.trace is None:
+            return
+        try:
+            self.trace.event(event)
+        except Exception:
+            log.exception("recording run %s failed; the rest of it is not recorded", self.id)
+            self.trace = None
+
+    def observer(self, stage: Stage, member: int | None = None) -> CallObserver | None:
+        if self.trace is None:
+            return None
+        return lambda record: self.record(ModelCallEvent(stage, member, record))
 
     async def execute(self, synthesise: bool) -> None:
         members = members_of(self.preset.panel)
+        plan = tuple((m.index, m.name, m.slot.model) for m in members)
+        self.record(FusionPlan(self.preset.name, self.preset.judge, plan))
         for member in members:
             self.emit(MemberEvent(member.index, member.name, "waiting"))
         outcomes = await gather_panel(members, self.ask, self.preset.policy, self.deadline)
@@ -337,8 +420,10 @@ class _Run:
             headers=self.headers,
         )
 
-        def on_tool(call: ToolCall, ok: bool) -> None:
+        def on_tool(call: ToolCallRecord, started: float) -> None:
+            ok = call.error is None
             self.emit(ToolEvent(member.index, member.name, call.name, call.arguments, ok))
+            self.record(ToolCallEvent(member.index, call, started, time.monotonic()))
 
         answer = await answer_with_tools(
             self.caller,
@@ -349,18 +434,14 @@ class _Run:
             first_call_required=self.preset.tools.first_call == "required",
             budget=self.budget,
             on_tool=on_tool,
+            observe=self.observer("panel", member.index),
         )
         error = answer.error
         if error is None and not answer.content.strip():
             error = ProviderError("the model returned an empty answer", reason="empty_completion")
+        elapsed = time.monotonic() - started
         if error is not None:  # what the member spent before failing still counts
-            elapsed = time.monotonic() - started
-            self.emit(
-                MemberEvent(
-                    member.index, member.name, "failed", elapsed, answer.usage, error.reason
-                )
-            )
-            return MemberFailure(
+            failure = MemberFailure(
                 member.slot.model,
                 member.name,
                 error.reason,
@@ -369,10 +450,20 @@ class _Run:
                 usage=answer.usage,
                 tries=error.tries,
             )
-        elapsed = time.monotonic() - started
+            self.emit(
+                MemberEvent(
+                    member.index,
+                    member.name,
+                    "failed",
+                    elapsed,
+                    answer.usage,
+                    error.reason,
+                    outcome=failure,
+                )
+            )
+            return failure
         self.sources.extend((s.url, s.title) for s in answer.sources)
-        self.emit(MemberEvent(member.index, member.name, "done", elapsed, usage=answer.usage))
-        return MemberResponse(
+        response = MemberResponse(
             model=answer.model,
             name=member.name,
             content=answer.content.strip(),
@@ -380,12 +471,23 @@ class _Run:
             latency_ms=round(elapsed * 1000),
             tool_calls=answer.tool_calls,
         )
+        self.emit(
+            MemberEvent(
+                member.index, member.name, "done", elapsed, usage=answer.usage, outcome=response
+            )
+        )
+        return response
 
     def deadline(self, member: Member, waited: float) -> MemberFailure:
         elapsed = time.monotonic() - self.started
-        self.emit(MemberEvent(member.index, member.name, "failed", elapsed, reason="deadline"))
         message = f"cancelled: the quorum had answered and it was {waited:.1f}s behind"
-        return MemberFailure(member.slot.model, member.name, "deadline", None, message)
+        failure = MemberFailure(member.slot.model, member.name, "deadline", None, message)
+        self.emit(
+            MemberEvent(
+                member.index, member.name, "failed", elapsed, reason="deadline", outcome=failure
+            )
+        )
+        return failure
 
     # -- judge ---------------------------------------------------------------------------
 
@@ -412,7 +514,9 @@ class _Run:
         )
         usage = Usage()
         try:
-            call = await self.caller.complete(self.preset.judges, request, self.budget)
+            call = await self.caller.complete(
+                self.preset.judges, request, self.budget, observe=self.observer("analysis")
+            )
             usage = call.completion.usage
             analysis = parse_analysis(call.completion.content, labelled)
         except (ProviderError, AnalysisError) as exc:
@@ -420,7 +524,8 @@ class _Run:
             elapsed = time.monotonic() - started
             self.emit(StageEvent("analysis", "failed", elapsed, usage, error.reason))
             return None, _Stage(usage, error)
-        self.emit(StageEvent("analysis", "done", time.monotonic() - started, usage))
+        elapsed = time.monotonic() - started
+        self.emit(StageEvent("analysis", "done", elapsed, usage, analysis=analysis))
         return analysis, _Stage(usage)
 
     async def synthesise(
@@ -450,7 +555,10 @@ class _Run:
         usage = Usage()
         error: AnalysisError | None = None
         try:
-            async for chunk in self.caller.stream(self.preset.judges, request, self.budget):
+            stream = self.caller.stream(
+                self.preset.judges, request, self.budget, observe=self.observer("synthesis")
+            )
+            async for chunk in stream:
                 if chunk.delta and (parts or chunk.delta.strip()):
                     delta = chunk.delta if parts else chunk.delta.lstrip()
                     parts.append(delta)

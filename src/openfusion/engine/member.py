@@ -8,15 +8,17 @@ Tool output reaches the model fenced as untrusted data (the registry does that).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from openfusion.engine.budget import Budget
 from openfusion.engine.policy import Caller
 from openfusion.engine.result import ToolCallRecord
+from openfusion.engine.trace import CallObserver
 from openfusion.errors import ProviderError
 from openfusion.tools import Source, ToolRegistry
-from openfusion.types import CompletionRequest, Message, ToolCall, Usage
+from openfusion.types import CompletionRequest, Message, Usage
 
 RESULT_PREVIEW = 500
 """Characters of each tool result kept in the member's record."""
@@ -42,8 +44,11 @@ async def answer_with_tools(
     *,
     first_call_required: bool = False,
     budget: Budget | None = None,
-    on_tool: Callable[[ToolCall, bool], None] = lambda call, ok: None,
+    on_tool: Callable[[ToolCallRecord, float], None] = lambda record, started: None,
+    observe: CallObserver | None = None,
 ) -> MemberAnswer:
+    """``on_tool`` gets each tool call when it is done (and when it started, ``monotonic``);
+    ``observe`` each model call (see ``Caller.complete``)."""
     messages = list(request.messages)
     usage = Usage()
     records: list[ToolCallRecord] = []
@@ -60,7 +65,7 @@ async def answer_with_tools(
             tool_choice=choice,
         )
         try:
-            call = await caller.complete(models, turn, budget)
+            call = await caller.complete(models, turn, budget, observe=observe)
         except ProviderError as exc:
             return MemberAnswer(model, "", usage, tuple(records), tuple(sources), exc)
         model = call.model
@@ -80,18 +85,18 @@ async def answer_with_tools(
                 messages.append(Message("tool", content, tool_call_id=tool_call.id))
                 continue
             made += 1
+            started = time.monotonic()
             result = await tools.call(tool_call.name, tool_call.arguments)
             usage += Usage(cost=result.cost)
             sources.extend(result.sources)
-            records.append(
-                ToolCallRecord(
-                    name=tool_call.name,
-                    arguments=tool_call.arguments,
-                    result=result.content[:RESULT_PREVIEW],
-                    cost=result.cost,
-                    error=result.error,
-                    sources=tuple(s.url for s in result.sources),
-                )
+            record = ToolCallRecord(
+                name=tool_call.name,
+                arguments=tool_call.arguments,
+                result=result.content[:RESULT_PREVIEW],
+                cost=result.cost,
+                error=result.error,
+                sources=tuple(s.url for s in result.sources),
             )
-            on_tool(tool_call, result.ok)
+            records.append(record)
+            on_tool(record, started)
             messages.append(Message("tool", result.content, tool_call_id=tool_call.id))

@@ -17,8 +17,8 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
 from openfusion.cost import PriceCatalog
@@ -28,6 +28,7 @@ from openfusion.engine.budget import (
     BudgetExceeded,
     estimate_prompt_tokens,
 )
+from openfusion.engine.trace import CallObserver, CallRecord
 from openfusion.errors import ConfigError, ProviderError
 from openfusion.providers import Provider, ProviderRegistry
 from openfusion.settings import Settings
@@ -143,10 +144,37 @@ class Caller:
         self._rng = rng or random.Random()
 
     async def complete(
-        self, models: Sequence[str], request: CompletionRequest, budget: Budget | None = None
+        self,
+        models: Sequence[str],
+        request: CompletionRequest,
+        budget: Budget | None = None,
+        *,
+        observe: CallObserver | None = None,
     ) -> Call:
-        """The first model (in order) that answers, each tried per the retry policy."""
+        """The first model (in order) that answers, each tried per the retry policy.
+        ``observe`` gets the call's ``CallRecord`` when it ends (answered, failed, cancelled)."""
         errors: list[ProviderError] = []
+        started = time.monotonic()
+        call: Call | None = None
+        error: ProviderError | None = None
+        try:
+            call = await self._complete(models, request, budget, errors)
+            return call
+        except ProviderError as exc:
+            error = exc
+            raise
+        finally:
+            if observe is not None:
+                model, reply = (call.model, call.completion) if call else (None, None)
+                observe(_record(models, request, model, reply, error, len(errors), started))
+
+    async def _complete(
+        self,
+        models: Sequence[str],
+        request: CompletionRequest,
+        budget: Budget | None,
+        errors: list[ProviderError],
+    ) -> Call:
         for model_id in models:
             attempt = 0
             while True:
@@ -166,10 +194,44 @@ class Caller:
         raise _gave_up(models, errors)
 
     async def stream(
-        self, models: Sequence[str], request: CompletionRequest, budget: Budget | None = None
+        self,
+        models: Sequence[str],
+        request: CompletionRequest,
+        budget: Budget | None = None,
+        *,
+        observe: CallObserver | None = None,
     ) -> AsyncIterator[Chunk]:
         """Like ``complete``, streamed. Once text has gone out, a failure is final."""
         errors: list[ProviderError] = []
+        started = time.monotonic()
+        answered: list[str] = []
+        parts: list[str] = []
+        usage: Usage | None = None
+        reply: Completion | None = None
+        error: ProviderError | None = None
+        try:
+            async with aclosing(self._stream(models, request, budget, errors, answered)) as chunks:
+                async for chunk in chunks:
+                    parts.append(chunk.delta)
+                    usage = chunk.usage or usage
+                    yield chunk
+            reply = Completion("".join(parts), usage or Usage(cost=None), answered[-1])
+        except ProviderError as exc:
+            error = exc
+            raise
+        finally:
+            if observe is not None:
+                model = reply.model if reply else None
+                observe(_record(models, request, model, reply, error, len(errors), started))
+
+    async def _stream(
+        self,
+        models: Sequence[str],
+        request: CompletionRequest,
+        budget: Budget | None,
+        errors: list[ProviderError],
+        answered: list[str],
+    ) -> AsyncGenerator[Chunk, None]:
         for model_id in models:
             attempt = 0
             while True:
@@ -177,6 +239,7 @@ class Caller:
                 sent = False
                 try:
                     async with self._slot(model_id, request, budget) as (provider, name, bill):
+                        answered.append(model_id)
                         stream = provider.stream(dataclasses.replace(request, model=name))
                         async for chunk in stream:
                             sent = sent or bool(chunk.delta)
@@ -251,6 +314,31 @@ class Caller:
             return False
         await self._sleep(delay)
         return True
+
+
+def _record(
+    models: Sequence[str],
+    request: CompletionRequest,
+    model: str | None,
+    reply: Completion | None,
+    error: ProviderError | None,
+    failed_tries: int,
+    started: float,
+) -> CallRecord:
+    """What ``observe`` gets: answered (``reply``), failed (``error``), or else cancelled."""
+    return CallRecord(
+        models=tuple(models),
+        model=model,
+        messages=request.messages,
+        content=reply.content if reply else "",
+        tool_calls=reply.tool_calls if reply else (),
+        usage=reply.usage if reply else Usage(cost=0.0 if error else None),
+        tries=failed_tries + (error is None),
+        error=error,
+        cancelled=reply is None and error is None,
+        started=started,
+        ended=time.monotonic(),
+    )
 
 
 def _gave_up(models: Sequence[str], errors: list[ProviderError]) -> ProviderError:

@@ -162,6 +162,8 @@ class MemberEvent:
     elapsed: float = 0.0
     usage: Usage | None = None
     reason: str | None = None
+    outcome: MemberResponse | MemberFailure | None = None
+    """On ``done`` and ``failed``: the member's answer, or its failure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,8 @@ class StageEvent:
     elapsed: float = 0.0
     usage: Usage | None = None
     reason: str | None = None
+    analysis: dict[str, Any] | None = None
+    """On the analysis stage's ``done``: the analysis (models named by panel member)."""
 
 
 @dataclass(frozen=True, slots=True)

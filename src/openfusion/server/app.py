@@ -11,7 +11,6 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,10 +24,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from openfusion.engine import DEPTH_HEADER, ToolEvent
+from openfusion.engine.trace import RunStart
 from openfusion.errors import ConfigError
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
-from openfusion.server.auth import BearerAuth, KeyStore
+from openfusion.server.auth import BearerAuth
 from openfusion.server.completions import (
     FUSION_ALIAS,
     FUSION_PREFIX,
@@ -39,17 +39,19 @@ from openfusion.server.completions import (
     Text,
 )
 from openfusion.server.errors import APIError, from_validation
+from openfusion.server.runs_api import RunsAPI
+from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
 from openfusion.settings import Settings
-from openfusion.store import SpendLedger
+from openfusion.store import Store
+from openfusion.store.recorder import StoreRecorder, secret_values
 from openfusion.tools import ToolRegistry
 from openfusion.types import Usage
 
 log = logging.getLogger("openfusion.server")
 
 DEPTH_HEADERS = (DEPTH_HEADER, "x-openfusion-depth")
-MAX_GENERATIONS = 10_000
 SUPPORTED_PARAMETERS = ["temperature", "max_tokens", "seed", "stop", "tools", "tool_choice"]
 
 
@@ -61,35 +63,20 @@ def error_response(error: APIError) -> Response:
     return Response(error.encode(), error.status, media_type="application/json")
 
 
-class Generations:
-    """The cost breakdown of recent generations, for ``GET /v1/generation`` (bounded, LRU)."""
-
-    def __init__(self, limit: int = MAX_GENERATIONS) -> None:
-        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._limit = limit
-
-    def add(self, record: dict[str, Any]) -> None:
-        self._records[record["id"]] = record
-        while len(self._records) > self._limit:
-            self._records.popitem(last=False)
-
-    def get(self, generation_id: str) -> dict[str, Any] | None:
-        return self._records.get(generation_id)
-
-
 class Server:
     def __init__(
         self,
         settings: Settings,
         registry: ProviderRegistry,
-        ledger: SpendLedger,
+        store: Store,
+        recorder: StoreRecorder,
         tools: ToolRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.completions = Completions(settings, registry, tools)
-        self.generations = Generations()
-        self.metering = Metering(ledger, settings.server.default_reservation_usd)
+        self.metering = Metering(store.ledger, recorder, settings.server.default_reservation_usd)
+        self.runs = RunsAPI(store.runs)
 
     async def chat(self, request: Request) -> Response:
         body = self._parse(await self._read_body(request))
@@ -98,26 +85,30 @@ class Server:
         key_id: str | None = key.id if key is not None else None
         generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
         # A key with a budget holds part of it first; the run may spend no more than that.
-        run = await self.metering.start(key_id, generation_id, body.model, body.max_cost)
+        run = await self.metering.start(key_id, generation_id, body.max_cost)
         try:
             if run.reservation is not None:
                 body = body.model_copy(update={"max_cost": run.reservation.amount})
-            outputs = self.completions.plan(body, depth)
+            log = run.record(_run_start(body, generation_id, key_id, run))
+            outputs = self.completions.plan(body, depth, log)
         except BaseException:
+            run.discard()  # refused before it ran: no run to keep
             await run.settle()
             raise
         created = int(time.time())
         headers = {"X-Generation-Id": generation_id}
         if body.stream:
             encoder = ChunkEncoder(generation_id, body.model, created)
-            stream = self._sse(outputs, encoder, generation_id, body.model, run, key_id)
+            stream = self._sse(outputs, encoder, generation_id, run)
             headers["Cache-Control"] = "no-cache"
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         try:
             texts, final = await _until_disconnect(request, _collect(outputs, run))
+        except APIError as exc:
+            run.fail(exc)
+            raise
         finally:
             await run.settle()
-        self._record(generation_id, body.model, final, streamed=False, key_id=key_id)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
         if final.annotations:
             message["annotations"] = list(final.annotations)
@@ -147,9 +138,7 @@ class Server:
         outputs: AsyncIterator[Output],
         encoder: ChunkEncoder,
         generation_id: str,
-        model: str,
         run: MeteredRun,
-        key_id: str | None,
     ) -> AsyncIterator[bytes]:
         spent = Usage()
         try:
@@ -165,39 +154,22 @@ class Server:
                         spent += item.event.usage or Usage()
                     yield progress(item.event, spent.cost)
                 else:
-                    self._record(generation_id, model, item, streamed=True, key_id=key_id)
                     if item.tool_calls:
                         yield encoder.tool_calls(item.tool_calls)
                     extra = {"fusion": item.fusion} if item.fusion is not None else {}
                     delta = {"annotations": list(item.annotations)} if item.annotations else None
                     yield encoder.final(item.finish_reason, _usage(item), extra, delta)
         except APIError as exc:
+            run.fail(exc)
             yield encoder.error(exc)
         except Exception:  # the status line is gone: the error has to travel as an event
             log.exception("stream %s failed", generation_id)
-            yield encoder.error(APIError(500, "internal error; see the server log"))
+            error = APIError(500, "internal error; see the server log")
+            run.fail(error)
+            yield encoder.error(error)
         finally:  # also when the client went away (the stream is cancelled or closed)
             await run.settle()
         yield DONE
-
-    def _record(
-        self, generation_id: str, model: str, final: Final, *, streamed: bool, key_id: str | None
-    ) -> None:
-        self.generations.add(
-            {
-                "id": generation_id,
-                "key_id": key_id,
-                "model": model,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "streamed": streamed,
-                "tokens_prompt": final.usage.prompt_tokens,
-                "tokens_completion": final.usage.completion_tokens,
-                "total_cost": final.usage.cost,
-                "cost_details": final.cost_details,
-                "responses": final.responses,
-                "fusion_status": final.fusion.get("status") if final.fusion else None,
-            }
-        )
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.server.max_body_bytes
@@ -215,9 +187,7 @@ class Server:
         return bytes(body)
 
     @staticmethod
-    def _parse(raw: bytes) -> Any:
-        from openfusion.server.schema import ChatCompletionRequest
-
+    def _parse(raw: bytes) -> ChatCompletionRequest:
         if not raw.strip():
             raise APIError(400, "empty request body: send a JSON chat completion request")
         try:
@@ -243,15 +213,13 @@ class Server:
         return json_response({"object": "list", "data": entries})
 
     async def generation(self, request: Request) -> Response:
-        generation_id = request.query_params.get("id", "")
-        if not generation_id:
-            raise APIError(400, "id: the query parameter is required, e.g. ?id=gen-...")
-        record = self.generations.get(generation_id)
-        key = getattr(request.state, "api_key", None)
-        if record is None or (key is not None and record["key_id"] != key.id):
-            # Another key's generation is "not found" too: ids are not secrets to rely on.
-            raise APIError(404, f"generation {generation_id!r} not found (or expired)")
-        return json_response({"data": {k: v for k, v in record.items() if k != "key_id"}})
+        return json_response(await self.runs.generation(request))
+
+    async def run_list(self, request: Request) -> Response:
+        return json_response(await self.runs.list(request))
+
+    async def run(self, request: Request) -> Response:
+        return json_response(await self.runs.get(request))
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -278,6 +246,23 @@ def _model_entry(model_id: str) -> dict[str, Any]:
         "pricing": {"prompt": price, "completion": price, "request": "0"},
         "supported_parameters": SUPPORTED_PARAMETERS,
     }
+
+
+def _run_start(
+    body: ChatCompletionRequest, generation_id: str, key_id: str | None, run: MeteredRun
+) -> RunStart:
+    """What the request's run record starts with (its kind is set when it is planned)."""
+    options = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
+    return RunStart(
+        id=generation_id,
+        kind="call",
+        messages=tuple(m.to_message() for m in body.messages),
+        model=body.model,
+        options=options,
+        key_id=key_id,
+        reservation_id=run.reservation.id if run.reservation else None,
+        streamed=bool(body.stream),
+    )
 
 
 def _usage(final: Final) -> dict[str, Any]:
@@ -334,29 +319,34 @@ def create_app(
     settings: Settings | None = None,
     *,
     registry: ProviderRegistry | None = None,
-    key_store: KeyStore | None = None,
-    ledger: SpendLedger | None = None,
+    store: Store | None = None,
     tools: ToolRegistry | None = None,
 ) -> ASGIApp:
-    """The app; API keys come from ``key_store`` (default: the config dir's key file), spend
-    and budgets from ``ledger`` (default: ``settings.database``), panel tools from ``tools``
-    (default: the built-ins ``[tools]`` configures)."""
+    """The app; spend, budgets, API keys and runs live in ``store`` (default: the store of
+    ``settings.database``), panel tools come from ``tools`` (default: the built-ins ``[tools]``
+    configures)."""
     settings = settings or Settings.load()
     registry = registry or ProviderRegistry(settings)
-    key_store = key_store or KeyStore.for_settings(settings)
-    ledger = ledger or SpendLedger(
-        settings.database, reservation_ttl=settings.server.reservation_ttl_seconds
+    store = store or Store.for_settings(settings)
+    recorder = StoreRecorder(
+        store,
+        source="server",
+        secrets=secret_values(settings),
+        keep_days=settings.store.keep_days,
+        max_mb=settings.store.max_mb,
     )
-    server = Server(settings, registry, ledger, tools)
+    server = Server(settings, registry, store, recorder, tools)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await ledger.init()
+        await store.init()
+        await recorder.start()  # also marks the runs of crashed processes unfinished
         try:
             yield
         finally:
             await server.metering.drain()
-            await ledger.aclose()
+            await recorder.aclose()
+            await store.aclose()
             await registry.aclose()
 
     def handle(
@@ -383,12 +373,14 @@ def create_app(
             Route("/v1/chat/completions", handle(server.chat), methods=["POST"]),
             Route("/v1/models", handle(server.models), methods=["GET"]),
             Route("/v1/generation", handle(server.generation), methods=["GET"]),
+            Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),
+            Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
             Route("/health", handle(server.health), methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    return BearerAuth(app, key_store)
+    return BearerAuth(app, store.keys)
 
 
 def app_from_env() -> ASGIApp:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,14 @@ from openfusion.engine import (
     Fusion,
     FusionResult,
     MemberEvent,
-    MemberFailure,
-    MemberResponse,
     StageEvent,
     ToolEvent,
 )
 from openfusion.engine.budget import Budget
 from openfusion.engine.fusion import configured_tools
 from openfusion.engine.policy import Caller
+from openfusion.engine.runlog import RunLog
+from openfusion.engine.trace import CallObserver, ModelCallEvent, RunKind, Stage
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
 from openfusion.presets import Preset, load_preset
 from openfusion.prompts import PromptSet
@@ -85,7 +85,6 @@ class Final:
     fusion: dict[str, Any] | None
     finish_reason: str = "stop"
     tool_calls: tuple[ToolCall, ...] = ()
-    responses: list[dict[str, Any]] = field(default_factory=list)
     annotations: tuple[dict[str, Any], ...] = ()
 
 
@@ -135,28 +134,38 @@ class Completions:
             tools=self._tools,
             prompts=self._prompts_for(preset),
             depth=depth,
+            recorder=None,  # the server records each request's run itself
         )
         _check(fusion)
         return fusion
 
-    def plan(self, body: ChatCompletionRequest, depth: int) -> AsyncIterator[Output]:
+    def plan(
+        self, body: ChatCompletionRequest, depth: int, run: RunLog | None = None
+    ) -> AsyncIterator[Output]:
+        """The request's outputs; ``run`` (when given) gets its kind and every call it makes."""
         messages = tuple(m.to_message() for m in body.messages)
         params = body.fusion_params
         at_limit = depth >= self.settings.server.max_depth
         if is_fusion_model(body.model):
             preset = self._preset(body.model, params)
             if at_limit:
-                return self._plain(preset.judges, messages, body, depth, self._limit_note(depth))
-            return self._fusion(self._fusion_for(preset, depth), messages, body)
+                return self._plain(
+                    preset.judges, messages, body, depth, self._limit_note(depth), run
+                )
+            _kind(run, "fusion")
+            return self._fusion(self._fusion_for(preset, depth), messages, body, run)
         if params is not None:
             if at_limit:
-                return self._plain([body.model], messages, body, depth, self._limit_note(depth))
+                return self._plain(
+                    [body.model], messages, body, depth, self._limit_note(depth), run
+                )
             fusion = self._fusion_for(self._preset(FUSION_ALIAS, params), depth)
             self._resolve(body.model)
-            return self._caller(fusion, messages, body, depth)
+            _kind(run, "caller")
+            return self._caller(fusion, messages, body, depth, run)
         for fallback in body.models or ():
             self._resolve(fallback, field="models")
-        return self._plain([body.model, *(body.models or [])], messages, body, depth, None)
+        return self._plain([body.model, *(body.models or [])], messages, body, depth, None, run)
 
     # -- planning -------------------------------------------------------------------------
 
@@ -203,12 +212,17 @@ class Completions:
     # -- runs -----------------------------------------------------------------------------
 
     async def _fusion(
-        self, fusion: Fusion, messages: tuple[Message, ...], body: ChatCompletionRequest
+        self,
+        fusion: Fusion,
+        messages: tuple[Message, ...],
+        body: ChatCompletionRequest,
+        run: RunLog | None,
     ) -> AsyncIterator[Output]:
         events = fusion.stream(
             messages,
             temperature=body.temperature,
             max_cost=body.max_cost,
+            trace=run,
             **_tool_options(body.fusion_params),
         )
         async for event in events:
@@ -223,7 +237,6 @@ class Completions:
                     result.usage,
                     result.cost_details,
                     fusion_object(result),
-                    responses=_cost_lines(result),
                     annotations=result.annotations,
                 )
 
@@ -234,27 +247,32 @@ class Completions:
         body: ChatCompletionRequest,
         depth: int,
         fusion_note: dict[str, Any] | None,
+        run: RunLog | None,
     ) -> AsyncIterator[Output]:
         for model_id in candidates:
             self._resolve(model_id)
+        _kind(run, "call")
+        observe = _observer(run, "call")
         tools = tuple(ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools)
         choice = body.tool_choice if isinstance(body.tool_choice, str) else None
 
         request = _request(body, messages, depth, tools=tools, tool_choice=choice)
         budget = Budget(body.max_cost) if body.max_cost is not None else None
 
-        async def run() -> AsyncIterator[Output]:
+        async def call_plainly() -> AsyncIterator[Output]:
             try:
                 if body.stream and not tools:
                     usage, finish = Usage(cost=None), "stop"
-                    async for chunk in self.caller.stream(candidates, request, budget):
+                    async for chunk in self.caller.stream(
+                        candidates, request, budget, observe=observe
+                    ):
                         if chunk.delta:
                             yield Text(chunk.delta)
                         usage = chunk.usage or usage
                         finish = chunk.finish_reason or finish
                     yield Final(usage, {"call": usage.cost}, fusion_note, finish)
                     return
-                call = await self.caller.complete(candidates, request, budget)
+                call = await self.caller.complete(candidates, request, budget, observe=observe)
             except ProviderError as exc:
                 raise from_provider(exc, candidates[0]) from exc
             done = call.completion
@@ -267,7 +285,7 @@ class Completions:
                 done.tool_calls,
             )
 
-        return run()
+        return call_plainly()
 
     async def _caller(
         self,
@@ -275,7 +293,9 @@ class Completions:
         messages: tuple[Message, ...],
         body: ChatCompletionRequest,
         depth: int,
+        run: RunLog | None,
     ) -> AsyncIterator[Output]:
+        observe = _observer(run, "caller")
         forced = body.tool_choice == "required" or (
             isinstance(body.tool_choice, dict)
             and body.tool_choice.get("function", {}).get("name") == "fusion"
@@ -284,7 +304,9 @@ class Completions:
         caller = [body.model]
         try:
             first_call = await self.caller.complete(
-                caller, dataclasses.replace(base, tool_choice="required" if forced else "auto")
+                caller,
+                dataclasses.replace(base, tool_choice="required" if forced else "auto"),
+                observe=observe,
             )
         except ProviderError as exc:
             raise from_provider(exc, body.model) from exc
@@ -303,6 +325,7 @@ class Completions:
             temperature=body.temperature,
             synthesise=False,
             max_cost=body.max_cost,
+            trace=run,
             **_tool_options(body.fusion_params),
         )
         async for event in events:
@@ -323,7 +346,7 @@ class Completions:
         )
         usage = Usage(cost=None)
         try:
-            async for chunk in self.caller.stream(caller, final_request):
+            async for chunk in self.caller.stream(caller, final_request, observe=observe):
                 if chunk.delta:
                     yield Text(chunk.delta)
                 usage = chunk.usage or usage
@@ -334,8 +357,18 @@ class Completions:
             caller_usage + result.usage,
             {"caller": caller_usage.cost, **result.cost_details},
             fusion_object(result),
-            responses=_cost_lines(result),
         )
+
+
+def _kind(run: RunLog | None, kind: RunKind) -> None:
+    if run is not None:
+        run.kind = kind
+
+
+def _observer(run: RunLog | None, stage: Stage) -> CallObserver | None:
+    if run is None:
+        return None
+    return lambda record: run.event(ModelCallEvent(stage, None, record))
 
 
 def _request(
@@ -400,17 +433,6 @@ def _raise_if_failed(result: FusionResult) -> None:
                 "failed_models": [f.to_dict() for f in result.failed_models],
             },
         )
-
-
-def _cost_lines(result: FusionResult) -> list[dict[str, Any]]:
-    """Per panel member: what it cost — failed members too, when they were billed (an
-    empty answer is), so the lines add up to the panel's cost."""
-    members: list[MemberResponse | MemberFailure] = [*result.responses]
-    members += [f for f in result.failed_models if f.usage.cost != 0.0]
-    return [
-        {"model": m.model, "name": m.name, "cost": m.usage.cost, **m.usage.to_dict()}
-        for m in members
-    ]
 
 
 def _tool_result(result: FusionResult) -> dict[str, Any]:

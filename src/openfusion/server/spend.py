@@ -1,15 +1,18 @@
-"""Metering a request: hold part of its API key's budget, then record what its calls cost.
+"""Metering a request: hold part of its API key's budget, record its run, charge its calls.
 
     run = await metering.start(key_id, generation_id, body.model, body.max_cost)  # or 402
+    run.record(start)            # once the request is planned: its run is recorded from now on
     try:
         ... run the request with max_cost = run.reservation.amount; run.see(each output) ...
+    except APIError as exc:
+        run.fail(exc)
     finally:
         await run.settle()
 
-The spend rows of a run are one per panel member that answered (``Final.responses``) and one per
-other stage of ``Final.cost_details`` (``analysis``, ``synthesis``, ``caller``, ``call``); their
-sum is the response's ``usage.cost``. A run that ends without its ``Final`` (an error, a client
-that went away) is recorded with the calls its progress events reported as finished.
+``settle`` ends the run's record and, in the same transaction, writes one spend row per inner
+call the run recorded (model calls, tool calls) and releases the reservation: the ledger always
+equals the sum of the recorded calls' costs, and a request's spend counts before its response
+ends. A request refused before it ran (a bad model id) has no run: its reservation is released.
 """
 
 from __future__ import annotations
@@ -17,69 +20,84 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from openfusion.engine import MemberEvent, StageEvent
-from openfusion.server.completions import Final, Output, Progress
+from openfusion.engine.runlog import RunLog
+from openfusion.engine.trace import RunEnd, RunStart
+from openfusion.server.completions import Final, Output, Text
 from openfusion.server.errors import APIError
-from openfusion.store import BudgetExhausted, Reservation, SpendLedger, SpendRow
+from openfusion.store import BudgetExhausted, Reservation, SpendLedger
+from openfusion.store.recorder import LedgerEntry, StoreRecorder
 
 log = logging.getLogger("openfusion.server")
 
 
-def spend_rows(final: Final, model: str) -> list[SpendRow]:
-    """The ledger rows of a finished run of the request for ``model``."""
-    judge = final.fusion.get("judge") if final.fusion else None
-    stage_models = {"analysis": judge, "synthesis": judge, "caller": model, "call": model}
-    rows = [SpendRow("panel", r["model"], r["cost"]) for r in final.responses]
-    rows += [
-        SpendRow(stage, stage_models.get(stage), cost)
-        for stage, cost in final.cost_details.items()
-        if stage != "panel"  # the members' rows above add up to it
-    ]
-    return rows
-
-
 class MeteredRun:
-    """One request's spend: its reservation (if its key has a budget), and the rows of its
-    run so far — the finished calls its progress events report, replaced by the complete
-    breakdown when its ``Final`` arrives."""
+    """One request: its reservation (if its key has a budget), its run's record, and how it
+    ended (the answer's text and ``Final``, or an error)."""
 
     def __init__(
         self,
         metering: Metering,
         key_id: str | None,
         generation_id: str,
-        model: str,
         reservation: Reservation | None,
     ) -> None:
         self.metering = metering
         self.key_id = key_id
         self.generation_id = generation_id
-        self.model = model
         self.reservation = reservation
-        self.rows: list[SpendRow] = []
-        self._finished = False
+        self.log: RunLog | None = None
+        self._texts: list[str] = []
+        self._final: Final | None = None
+        self._error: APIError | None = None
         self._settled = False
 
+    def record(self, start: RunStart) -> RunLog:
+        """Start recording the run (its id is the generation id)."""
+        self.log = self.metering.recorder.start_run(start)
+        return self.log
+
+    def discard(self) -> None:
+        """The request was refused before it ran: it leaves no run."""
+        if self.log is not None:
+            self.metering.recorder.discard(self.log)
+            self.log = None
+
     def see(self, item: Output | None) -> None:
-        if self._finished or item is None:
-            return
-        if isinstance(item, Final):
-            self.rows = spend_rows(item, self.model)
-            self._finished = True
-        elif isinstance(item, Progress):
-            event = item.event
-            if isinstance(event, MemberEvent) and event.state == "done" and event.usage:
-                self.rows.append(SpendRow("panel", event.name, event.usage.cost))
-            elif isinstance(event, StageEvent) and event.state != "running" and event.usage:
-                self.rows.append(SpendRow(event.stage, None, event.usage.cost))
+        if isinstance(item, Text):
+            self._texts.append(item.delta)
+        elif isinstance(item, Final):
+            self._final = item
+
+    def fail(self, error: APIError) -> None:
+        self._error = error
+
+    def end(self) -> RunEnd:
+        final, error = self._final, self._error
+        if final is not None:
+            fusion = final.fusion or {}
+            return RunEnd(
+                "error" if fusion.get("status") == "error" else "ok",
+                "".join(self._texts),
+                final.usage,
+                final.cost_details,
+                failure_reason=fusion.get("failure_reason"),
+                failure_message=fusion.get("failure_message"),
+            )
+        if error is not None:
+            reason = error.metadata.get("failure_reason")
+            return RunEnd(
+                "cancelled" if error.status == 499 else "error",
+                "".join(self._texts),
+                failure_reason=reason if isinstance(reason, str) else None,
+                failure_message=error.message,
+            )
+        return RunEnd("cancelled", "".join(self._texts))
 
     async def settle(self) -> None:
-        """Record the rows and drop the reservation, once (a second call does nothing).
-
-        Runs as a task of its own: it completes even when the request is cancelled while
-        waiting for it. A failure is logged (the reservation then lapses after its time to
-        live), never raised at the client.
-        """
+        """Record the run's end and its spend, and release the reservation — once (a second
+        call does nothing). Runs as a task of its own: it completes even when the request is
+        cancelled while waiting for it. A failure is logged (the reservation then lapses after
+        its time to live), never raised at the client."""
         if self._settled:
             return
         self._settled = True
@@ -87,15 +105,18 @@ class MeteredRun:
 
 
 class Metering:
-    """The server's side of the ledger: a reservation per request, settled after its run."""
+    """The server's side of the ledger: a reservation per request, settled with its run."""
 
-    def __init__(self, ledger: SpendLedger, default_reservation: float) -> None:
+    def __init__(
+        self, ledger: SpendLedger, recorder: StoreRecorder, default_reservation: float
+    ) -> None:
         self.ledger = ledger
+        self.recorder = recorder
         self.default_reservation = default_reservation
         self._settling: set[asyncio.Task[None]] = set()
 
     async def start(
-        self, key_id: str | None, generation_id: str, model: str, max_cost: float | None
+        self, key_id: str | None, generation_id: str, max_cost: float | None
     ) -> MeteredRun:
         """Reserve ``max_cost`` of the key's budget, or the default reservation capped to what
         is left (nothing for no key or a key without a budget). ``APIError(402)`` when it does
@@ -111,22 +132,26 @@ class Metering:
                     )
             except BudgetExhausted as exc:
                 raise APIError(402, str(exc), {"limit": exc.limit, "spent": exc.spent}) from exc
-        return MeteredRun(self, key_id, generation_id, model, reservation)
+        return MeteredRun(self, key_id, generation_id, reservation)
 
     async def settle(self, run: MeteredRun) -> None:
-        task = asyncio.create_task(self._settle(run, list(run.rows)))
+        task = asyncio.create_task(self._settle(run))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         await asyncio.shield(task)
 
-    async def _settle(self, run: MeteredRun, rows: list[SpendRow]) -> None:
+    async def _settle(self, run: MeteredRun) -> None:
         reservation_id = run.reservation.id if run.reservation else None
         try:
-            await self.ledger.settle(reservation_id, run.generation_id, rows, key_id=run.key_id)
+            if run.log is not None:
+                entry = LedgerEntry(reservation_id, run.key_id)
+                await self.recorder.settle(run.log, run.end(), entry)
+            elif reservation_id is not None:
+                await self.ledger.settle(reservation_id, run.generation_id, [])
         except Exception:
-            log.exception("could not record the spend of %s in the ledger", run.generation_id)
+            log.exception("could not record the run and spend of %s", run.generation_id)
 
     async def drain(self) -> None:
-        """Wait for the settlements still running (at shutdown, before the ledger closes)."""
+        """Wait for the settlements still running (at shutdown, before the store closes)."""
         while self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)

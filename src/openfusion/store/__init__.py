@@ -1,5 +1,7 @@
-"""What the server keeps between requests: the spend ledger and the API keys' budgets."""
+"""What openfusion keeps: spend and budgets, API keys, runs — one SQL database (``Store``)."""
 
+from openfusion.store.database import Database
+from openfusion.store.keys import KeyRecord, KeyStore
 from openfusion.store.ledger import (
     NANO,
     BudgetExhausted,
@@ -11,15 +13,24 @@ from openfusion.store.ledger import (
     format_usd,
     to_nano,
 )
+from openfusion.store.run_views import RunFilter
+from openfusion.store.runs import RunStore
+from openfusion.store.store import Store
 
 __all__ = [
     "NANO",
     "BudgetExhausted",
     "BudgetStatus",
+    "Database",
+    "KeyRecord",
+    "KeyStore",
     "Reservation",
+    "RunFilter",
+    "RunStore",
     "SpendLedger",
     "SpendRecord",
     "SpendRow",
+    "Store",
     "format_usd",
     "to_nano",
 ]

@@ -19,13 +19,12 @@ sharing the database — never hold more than the budget between them:
   that key; spent and reserved are then summed in one statement (one snapshot).
 
 A reservation older than ``reservation_ttl`` seconds was left by a server that died before it
-settled; it no longer counts. No migrations framework yet: ``init`` creates the tables above if
-they are missing, and a change of schema will need one.
+settled; it no longer counts. The tables live in ``store/schema.py``, the database (and its
+migrations) in ``store/database.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
@@ -33,31 +32,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-)
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.schema import CreateSchema
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from openfusion.errors import ConfigError, OpenFusionError
+from openfusion.errors import OpenFusionError
+from openfusion.store.database import Database
+from openfusion.store.schema import budgets, reservations, spend
 
 __all__ = [
     "NANO",
@@ -76,40 +58,6 @@ NANO = 1_000_000_000
 DEFAULT_RESERVATION_TTL = 15 * 60.0
 UNPRICED_RESERVE = "unpriced_reserve"
 """The stage of the row that charges a budget for calls of unknown cost (see ``settle``)."""
-_IMMEDIATE = "openfusion_begin_immediate"
-SQLITE_TIMEOUT = 30.0
-"""Seconds a SQLite writer waits for the write lock before it fails ("database is locked")."""
-
-metadata = MetaData()
-
-budgets = Table(
-    "budgets",
-    metadata,
-    Column("key_id", String, primary_key=True),
-    Column("limit_nano", BigInteger, nullable=False),
-)
-
-reservations = Table(
-    "reservations",
-    metadata,
-    Column("id", String(32), primary_key=True),
-    Column("key_id", String, nullable=False, index=True),
-    Column("amount_nano", BigInteger, nullable=False),
-    Column("created_at", DateTime, nullable=False),
-)
-
-spend = Table(
-    "spend",
-    metadata,
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("key_id", String, nullable=True, index=True),
-    Column("generation_id", String, nullable=False, index=True),
-    Column("stage", String, nullable=False),
-    Column("model", String, nullable=True),
-    Column("cost_nano", BigInteger, nullable=True),
-    Column("unpriced", Boolean, nullable=False),
-    Column("created_at", DateTime, nullable=False),
-)
 
 
 def to_nano(usd: float) -> int:
@@ -207,81 +155,38 @@ class SpendRecord:
 
 
 class SpendLedger:
-    """Spend and budgets in a SQL database (SQLAlchemy async; ``sqlite+aiosqlite`` or
-    ``postgresql+asyncpg`` URLs).
+    """Spend and budgets in the store's database.
 
-    ``init()`` creates the tables (and is also run by the first call that needs them);
-    ``aclose()`` closes the connections. ``clock`` (epoch seconds) is for tests of the
-    reservations' time to live; ``schema`` (PostgreSQL only) puts the tables in that schema.
+    ``database`` is a ``Database`` (shared with the rest of the store; the caller closes it) or
+    a URL (the ledger opens its own and closes it in ``aclose``). ``init()`` brings the schema
+    to head (and is also run by the first call that needs it). ``clock`` (epoch seconds) is for
+    tests of the reservations' time to live; ``schema`` (PostgreSQL only, with a URL) puts the
+    tables in that schema.
     """
 
     def __init__(
         self,
-        url: str,
+        database: Database | str,
         *,
         reservation_ttl: float = DEFAULT_RESERVATION_TTL,
         clock: Callable[[], float] = time.time,
         schema: str | None = None,
     ) -> None:
-        try:
-            parsed = make_url(url)
-        except ArgumentError as exc:
-            raise ConfigError(
-                f"database_url: not a database URL ({exc}); use e.g. "
-                "sqlite+aiosqlite:////path/openfusion.db or postgresql+asyncpg://user@host/db"
-            ) from exc
-        self.where = parsed.render_as_string(hide_password=True)
+        self._owns_database = isinstance(database, str)
+        self.db = Database(database, schema=schema) if isinstance(database, str) else database
+        self.where = self.db.where
         """The URL without its password, for messages."""
         self.reservation_ttl = reservation_ttl
         self._clock = clock
-        self._schema = schema
-        self._sqlite = parsed.get_backend_name() == "sqlite"
-        if schema is not None and self._sqlite:
-            raise ConfigError("a schema for the ledger's tables needs PostgreSQL, not SQLite")
-        self._sqlite_file = parsed.database if self._sqlite else None
-        try:
-            if self._sqlite:
-                engine = create_async_engine(url, connect_args={"timeout": SQLITE_TIMEOUT})
-                _begin_explicitly(engine)
-            else:
-                engine = create_async_engine(url, pool_pre_ping=True)
-        except (SQLAlchemyError, ImportError) as exc:
-            raise ConfigError(
-                f"database_url {self.where}: cannot use it ({_reason(exc)}); openfusion supports "
-                "sqlite+aiosqlite:// and postgresql+asyncpg:// URLs"
-            ) from exc
-        if schema is not None:
-            engine = engine.execution_options(schema_translate_map={None: schema})
-        self._engine: AsyncEngine = engine
-        self._writer = engine.execution_options(**{_IMMEDIATE: True})
-        self._ready = False
-        self._init_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def init(self) -> None:
-        """Create the tables (and the SQLite file's folder) unless they exist. Idempotent."""
-        async with self._init_lock:
-            if self._ready:
-                return
-            try:
-                if self._sqlite_file and self._sqlite_file != ":memory:":
-                    Path(self._sqlite_file).parent.mkdir(parents=True, exist_ok=True)
-                async with self._writer.begin() as conn:
-                    if not self._sqlite:  # serialise the CREATEs of replicas starting together
-                        await conn.execute(text("SELECT pg_advisory_xact_lock(7306041)"))
-                        if self._schema is not None:
-                            await conn.execute(CreateSchema(self._schema, if_not_exists=True))
-                    await conn.run_sync(metadata.create_all)
-            except (SQLAlchemyError, OSError) as exc:
-                raise ConfigError(
-                    f"spend ledger database {self.where}: cannot open it ({_reason(exc)}); "
-                    "check `database_url` in config.toml or OPENFUSION_DATABASE_URL"
-                ) from exc
-            self._ready = True
+        await self.db.init()
 
     async def aclose(self) -> None:
-        await self._engine.dispose()
+        if self._owns_database:
+            await self.db.aclose()
 
     async def __aenter__(self) -> SpendLedger:
         await self.init()
@@ -397,35 +302,46 @@ class SpendLedger:
         past its budget (they cost at most the reservation, which was the request's
         ``max_cost``). Settle each reservation once: a second call records the rows again.
         """
+        async with self._write() as conn:
+            await self.settle_in(conn, reservation_id, generation_id, rows, key_id=key_id)
+
+    async def settle_in(
+        self,
+        conn: AsyncConnection,
+        reservation_id: str | None,
+        generation_id: str,
+        rows: Sequence[SpendRow],
+        *,
+        key_id: str | None = None,
+    ) -> None:
+        """``settle`` inside a writing transaction of the caller's (to record a run and its
+        spend together)."""
         values: list[dict[str, Any]] = []
         now = self._now()
-        async with self._write() as conn:
-            held: int | None = None
-            if reservation_id is not None:
-                found = (
-                    await conn.execute(
-                        select(reservations.c.key_id, reservations.c.amount_nano).where(
-                            reservations.c.id == reservation_id
-                        )
-                    )
-                ).one_or_none()
-                if found is not None:
-                    key_id, held = found.key_id, found.amount_nano
-                    await conn.execute(
-                        delete(reservations).where(reservations.c.id == reservation_id)
-                    )
-            for row in rows:
-                cost = None if row.cost is None else to_nano(row.cost)
-                values.append(_spend_values(key_id, generation_id, row.stage, row.model, cost, now))
-            if held is not None and any(row.cost is None for row in rows):
-                priced = sum(v["cost_nano"] for v in values if v["cost_nano"] is not None)
-                values.append(
-                    _spend_values(
-                        key_id, generation_id, UNPRICED_RESERVE, None, max(held - priced, 0), now
+        held: int | None = None
+        if reservation_id is not None:
+            found = (
+                await conn.execute(
+                    select(reservations.c.key_id, reservations.c.amount_nano).where(
+                        reservations.c.id == reservation_id
                     )
                 )
-            if values:
-                await conn.execute(insert(spend), values)
+            ).one_or_none()
+            if found is not None:
+                key_id, held = found.key_id, found.amount_nano
+                await conn.execute(delete(reservations).where(reservations.c.id == reservation_id))
+        for row in rows:
+            cost = None if row.cost is None else to_nano(row.cost)
+            values.append(_spend_values(key_id, generation_id, row.stage, row.model, cost, now))
+        if held is not None and any(row.cost is None for row in rows):
+            priced = sum(v["cost_nano"] for v in values if v["cost_nano"] is not None)
+            values.append(
+                _spend_values(
+                    key_id, generation_id, UNPRICED_RESERVE, None, max(held - priced, 0), now
+                )
+            )
+        if values:
+            await conn.execute(insert(spend), values)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -436,15 +352,12 @@ class SpendLedger:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        await self.init()
-        async with self._engine.begin() as conn:
+        async with self.db.read() as conn:
             yield conn
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that holds SQLite's write lock from its first statement."""
-        await self.init()
-        async with self._writer.begin() as conn:
+        async with self.db.write() as conn:
             yield conn
 
     @staticmethod
@@ -494,29 +407,3 @@ def _spend_values(
         "unpriced": cost_nano is None,
         "created_at": now,
     }
-
-
-def _begin_explicitly(engine: AsyncEngine) -> None:
-    """Let SQLAlchemy, not the sqlite3 module, emit BEGIN: ``BEGIN IMMEDIATE`` for writers.
-
-    The sqlite3 module on its own defers BEGIN to the first write, so a check-then-insert
-    would read before it holds the lock. WAL lets readers go on while one writer writes.
-    """
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _reason(exc: BaseException) -> str:
-    """The driver's own words, without SQLAlchemy's long preamble and link."""
-    original = getattr(exc, "orig", None) or exc
-    return str(original).splitlines()[0] if str(original) else type(original).__name__

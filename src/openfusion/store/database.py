@@ -1,0 +1,204 @@
+"""One SQL database for the whole store: the connection pool, the write lock, the migrations.
+
+``Database(url)`` accepts ``sqlite+aiosqlite://`` and ``postgresql+asyncpg://`` URLs. ``init()``
+brings the schema to the migrations' head (Alembic, shipped in ``openfusion/store/migrations``)
+and is idempotent and safe when several processes start together:
+
+- SQLite: the migration runs inside a ``BEGIN IMMEDIATE`` transaction (the database's write
+  lock), so a second process waits, then finds the schema at head.
+- PostgreSQL: ``pg_advisory_xact_lock`` serialises replicas; DDL is transactional, so a
+  migration is applied entirely or not at all.
+
+When ``alembic_version`` already holds the head revision, nothing of Alembic is imported: a
+process start costs one small query.
+
+Every writing transaction on SQLite starts with ``BEGIN IMMEDIATE``, which takes the write lock
+before anything is read (a check-then-insert cannot interleave with another writer's), and the
+database runs in WAL mode (readers go on while one writer writes) with ``synchronous=NORMAL``
+(a commit survives a crash of the process; only a power loss may lose the last commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, inspect, select, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateSchema
+
+from openfusion.errors import ConfigError, StoreError
+from openfusion.store.schema import SCHEMA_REVISION, alembic_version
+
+__all__ = ["Database", "reason", "upgrade_to_head"]
+
+SQLITE_TIMEOUT = 30.0
+"""Seconds a SQLite writer waits for the write lock before it fails ("database is locked")."""
+MIGRATION_LOCK = 7306041
+"""The PostgreSQL advisory lock that serialises migrations (and the ledger's first versions'
+``CREATE TABLE``s, which used the same number)."""
+SCRIPT_LOCATION = "openfusion.store:migrations"
+_IMMEDIATE = "openfusion_begin_immediate"
+
+
+class Database:
+    """An async SQLAlchemy engine with the store's conventions. ``schema`` (PostgreSQL only)
+    puts every table in that schema (tests use one each)."""
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as exc:
+            raise ConfigError(
+                f"database_url: not a database URL ({exc}); use e.g. "
+                "sqlite+aiosqlite:////path/openfusion.db or postgresql+asyncpg://user@host/db"
+            ) from exc
+        self.url = url
+        self.where = parsed.render_as_string(hide_password=True)
+        """The URL without its password, for messages."""
+        self.schema = schema
+        self.sqlite = parsed.get_backend_name() == "sqlite"
+        if schema is not None and self.sqlite:
+            raise ConfigError("a schema for the store's tables needs PostgreSQL, not SQLite")
+        self._sqlite_file = parsed.database if self.sqlite else None
+        try:
+            if self.sqlite:
+                engine = create_async_engine(url, connect_args={"timeout": SQLITE_TIMEOUT})
+                _begin_explicitly(engine)
+            else:
+                engine = create_async_engine(url, pool_pre_ping=True)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise ConfigError(
+                f"database_url {self.where}: cannot use it ({reason(exc)}); openfusion supports "
+                "sqlite+aiosqlite:// and postgresql+asyncpg:// URLs"
+            ) from exc
+        if schema is not None:
+            engine = engine.execution_options(schema_translate_map={None: schema})
+        self.engine: AsyncEngine = engine
+        self._writer = engine.execution_options(**{_IMMEDIATE: True})
+        self._ready = False
+        self._init_lock = asyncio.Lock()
+
+    @property
+    def file(self) -> Path | None:
+        """The SQLite file (``None`` for PostgreSQL or an in-memory database)."""
+        if self._sqlite_file and self._sqlite_file != ":memory:":
+            return Path(self._sqlite_file)
+        return None
+
+    async def init(self) -> None:
+        """Bring the schema to head (creating the SQLite file's folder). Idempotent."""
+        async with self._init_lock:
+            if self._ready:
+                return
+            try:
+                if await self._behind():
+                    await asyncio.to_thread(_load_alembic)  # a slow import, off the event loop
+                    async with self.migrating() as conn:  # then look again, under the lock
+                        if await self._revision(conn) != SCHEMA_REVISION:
+                            await conn.run_sync(upgrade_to_head, self.schema)
+            except (SQLAlchemyError, OSError) as exc:
+                raise ConfigError(
+                    f"database {self.where}: cannot open it ({reason(exc)}); "
+                    "check `database_url` in config.toml or OPENFUSION_DATABASE_URL"
+                ) from exc
+            self._ready = True
+
+    @asynccontextmanager
+    async def migrating(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that holds the migration lock (SQLite's write lock, or PostgreSQL's
+        advisory lock), with the SQLite file's folder and the PostgreSQL schema made."""
+        if self.file is not None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+        async with self._writer.begin() as conn:
+            if not self.sqlite:
+                await conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+                if self.schema is not None:
+                    await conn.execute(CreateSchema(self.schema, if_not_exists=True))
+            yield conn
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction for reading (after ``init``). A database failure is a ``StoreError``."""
+        await self.init()
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database {self.where}: {reason(exc)}") from exc
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that holds SQLite's write lock from its first statement."""
+        await self.init()
+        try:
+            async with self._writer.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database {self.where}: {reason(exc)}") from exc
+
+    async def _behind(self) -> bool:
+        if self.file is not None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+        async with self.engine.connect() as conn:
+            return await self._revision(conn) != SCHEMA_REVISION
+
+    async def _revision(self, conn: AsyncConnection) -> str | None:
+        def has_version_table(sync: Connection) -> bool:
+            return inspect(sync).has_table("alembic_version", schema=self.schema)
+
+        if not await conn.run_sync(has_version_table):
+            return None
+        return await conn.scalar(select(alembic_version.c.version_num))
+
+
+def _load_alembic() -> None:
+    import alembic.command
+    import alembic.config  # noqa: F401
+
+
+def upgrade_to_head(connection: Connection, schema: str | None = None) -> None:
+    """Run the shipped migrations on ``connection`` (inside its transaction) up to head."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", SCRIPT_LOCATION)
+    config.attributes["connection"] = connection
+    config.attributes["schema"] = schema
+    command.upgrade(config, "head")
+
+
+def _begin_explicitly(engine: AsyncEngine) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, emit BEGIN: ``BEGIN IMMEDIATE`` for writers.
+
+    The sqlite3 module on its own defers BEGIN to the first write, so a check-then-insert
+    would read before it holds the lock.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def reason(exc: BaseException) -> str:
+    """The driver's own words, without SQLAlchemy's long preamble and link."""
+    original = getattr(exc, "orig", None) or exc
+    return str(original).splitlines()[0] if str(original) else type(original).__name__

@@ -1,0 +1,493 @@
+"""``StoreRecorder``: writes runs to the store as they progress, off the request's path.
+
+The engine feeds each run's ``RunLog`` (in memory, no I/O); every change marks the run dirty and
+wakes a background writer, which waits ``flush_interval`` to gather more, then writes every dirty
+run in one transaction: a new run is inserted as ``running``, a known one updated, its new or
+changed spans inserted or updated. A transaction holds whole changes only, so a crash never
+leaves a half-written record: what was committed reads as a consistent, earlier state of the run,
+and the next process marks it ``unfinished`` (``RunStore.sweep``).
+
+Memory is bounded: the dirty set holds at most the runs in flight plus those waiting to be
+written, and past ``max_pending`` new runs are not recorded (logged). A write that fails is
+logged and retried with the next batch, ``MAX_ATTEMPTS`` times; nothing of it reaches the
+answer. ``settle`` is the one write a request waits for: the run's end and its spend-ledger rows
+(and the release of its budget reservation), in one transaction, so the ledger always equals
+the calls the run recorded.
+
+No secret is written: request headers are never part of a run, and every configured secret
+value (provider and tool API keys from the environment) is replaced by ``[redacted]`` in
+whatever the upstreams relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from openfusion.engine.runlog import RunLog, Span
+from openfusion.engine.trace import RunEnd, RunStart
+from openfusion.settings import Settings
+from openfusion.store.ledger import SpendRow, to_nano
+from openfusion.store.runs import Instance, utcnow
+from openfusion.store.schema import run_spans, runs
+from openfusion.store.store import Store
+
+__all__ = ["LedgerEntry", "StoreRecorder", "secret_values"]
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL = 0.2
+HEARTBEAT = 5.0
+LEASE = 60.0
+"""Seconds without a heartbeat after which a process counts as dead (its runs unfinished)."""
+PRUNE_EVERY = 3600.0
+MAX_PENDING = 10_000
+MAX_ATTEMPTS = 5
+RETRY_AFTER = 1.0
+REDACTED = "[redacted]"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A run's spend, recorded with its end: the reservation to release, its key."""
+
+    reservation_id: str | None
+    key_id: str | None
+
+
+@dataclass
+class _Tracked:
+    log: RunLog
+    inserted: bool = False
+    written: int = 0
+    """The run's version last written."""
+    span_versions: dict[int, int] = field(default_factory=dict)
+    request_written: bool = False
+    ledger: LedgerEntry | None = None
+    settled: asyncio.Future[None] | None = None
+    failures: int = 0
+
+
+class StoreRecorder:
+    """Records runs in ``store``; ``source`` says who ran them (``server``, ``cli``,
+    ``library``). Started by its first run (or ``start``), ended by ``aclose`` (which writes
+    what is pending). ``owns_store``: ``aclose`` closes the store too."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        source: str,
+        secrets: Sequence[str] = (),
+        owns_store: bool = False,
+        keep_days: float = 0.0,
+        max_mb: float = 0.0,
+        flush_interval: float = FLUSH_INTERVAL,
+        heartbeat: float = HEARTBEAT,
+        lease: float = LEASE,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.instance = Instance.this_process(uuid.uuid4().hex, source)
+        self._scrub = _scrubber(secrets)
+        self._owns_store = owns_store
+        self._keep_days, self._max_mb = keep_days, max_mb
+        self._flush_interval, self._heartbeat, self._lease = flush_interval, heartbeat, lease
+        self._max_pending = max_pending
+        self._runs: dict[str, _Tracked] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._urgent = False
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready: asyncio.Future[bool] | None = None
+        self._full_logged = False
+        self._disabled = False
+
+    @classmethod
+    def for_settings(cls, settings: Settings, *, source: str) -> StoreRecorder:
+        return cls(
+            Store.for_settings(settings),
+            source=source,
+            secrets=secret_values(settings),
+            owns_store=True,
+            keep_days=settings.store.keep_days,
+            max_mb=settings.store.max_mb,
+        )
+
+    # -- the engine's side -----------------------------------------------------------------
+
+    def start_run(self, start: RunStart) -> RunLog:
+        """A trace for a new run (never raises; a run past ``max_pending`` is not recorded)."""
+        run = RunLog(start, source=self.source, on_change=self._changed)
+        if self._closing or self._disabled:
+            return run
+        if len(self._runs) >= self._max_pending:
+            if not self._full_logged:
+                log.warning(
+                    "%d runs wait to be written: new runs are not recorded", len(self._runs)
+                )
+                self._full_logged = True
+            return run
+        self._runs[start.id] = _Tracked(run)
+        self._start()
+        self._changed(run)
+        return run
+
+    def discard(self, run: RunLog) -> None:
+        """Forget a run not written yet (a request refused before it ran)."""
+        tracked = self._runs.get(run.run_id)
+        if tracked is not None and not tracked.inserted:
+            del self._runs[run.run_id]
+            self._dirty.discard(run.run_id)
+
+    async def settle(self, run: RunLog, end: RunEnd, ledger: LedgerEntry | None = None) -> None:
+        """End the run and write it now, with its spend (``ledger``): its calls become spend
+        rows and its reservation is released, in the run's transaction. Raises if that fails.
+
+        The end and the spend are handed over together, before anything is awaited, so the
+        writer never writes the end without the spend."""
+        tracked = self._runs.get(run.run_id)
+        if tracked is None:
+            raise RuntimeError(f"run {run.run_id} is not being recorded (see the log)")
+        tracked.ledger = ledger
+        settled = tracked.settled = asyncio.get_running_loop().create_future()
+        self._urgent = True
+        run.finish(end)
+        self._changed(run)
+        await asyncio.shield(settled)
+
+    async def start(self) -> None:
+        """Register this process and recover the runs of dead ones; then the writer runs."""
+        self._start()
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+
+    async def aclose(self) -> None:
+        """Write everything pending, mark what is still running ``unfinished``, stop."""
+        self._closing = True
+        self._wake.set()
+        for task in self._tasks:
+            with contextlib.suppress(Exception):
+                await task
+        if self._ready is not None and self._ready.done() and self._ready.result():
+            try:
+                await self.store.runs.retire(self.instance)
+            except Exception:
+                log.exception("could not retire this process's runs")
+        if self._owns_store:
+            await self.store.aclose()
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def _changed(self, run: RunLog) -> None:
+        if run.run_id in self._runs:
+            self._dirty.add(run.run_id)
+            self._wake.set()
+
+    def _start(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            self._tasks.append(asyncio.create_task(self._write_loop(), name="openfusion-runs"))
+
+    async def _write_loop(self) -> None:
+        assert self._ready is not None
+        try:
+            await self.store.init()
+            await self.store.runs.register(self.instance)
+            recovered = await self.store.runs.sweep(self.instance, lease=self._lease)
+            if recovered:
+                log.warning("marked %d run(s) of stopped processes as unfinished", recovered)
+        except Exception as exc:
+            log.warning("runs are not recorded: %s", exc)
+            self._disabled = True
+            self._ready.set_result(False)
+            self._fail_all(exc)
+            return
+        maintenance = asyncio.create_task(self._maintain(), name="openfusion-runs-heartbeat")
+        self._ready.set_result(True)
+        try:
+            while not (self._closing and not self._dirty):
+                if not self._closing:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    if not self._urgent and not self._closing:
+                        await asyncio.sleep(self._flush_interval)
+                self._urgent = False
+                try:
+                    await self._write(sorted(self._dirty))
+                except Exception:  # a bug; the writer must go on (requests wait for it)
+                    log.exception("the run writer failed")
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+
+    async def _write(self, run_ids: list[str]) -> None:
+        self._dirty.difference_update(run_ids)
+        batch = []
+        for run_id in run_ids:
+            tracked = self._runs.get(run_id)
+            if tracked is None:
+                continue
+            try:
+                batch.append((tracked, self._snapshot(tracked)))
+            except Exception:  # a bug: this run cannot be written, the others still are
+                log.exception("cannot record run %s", run_id)
+                self._drop(tracked, "its record could not be built")
+        if not batch:
+            return
+        try:
+            async with self.store.db.write() as conn:
+                for tracked, snapshot in batch:
+                    await self._save(conn, tracked, snapshot)
+        except Exception:
+            if len(batch) == 1:
+                self._failed(*batch[0])
+                return
+            for item in batch:  # one at a time, to find the one that fails
+                try:
+                    async with self.store.db.write() as conn:
+                        await self._save(conn, *item)
+                except Exception:
+                    self._failed(*item)
+                else:
+                    self._written(*item)
+            return
+        for item in batch:
+            self._written(*item)
+
+    def _drop(self, tracked: _Tracked, why: str) -> None:
+        run_id = tracked.log.run_id
+        self._runs.pop(run_id, None)
+        if tracked.settled is not None and not tracked.settled.done():
+            tracked.settled.set_exception(RuntimeError(f"run {run_id} is not recorded: {why}"))
+
+    def _failed(self, tracked: _Tracked, snapshot: _Snapshot) -> None:
+        tracked.failures += 1
+        run_id = tracked.log.run_id
+        if tracked.settled is not None and not tracked.settled.done():
+            tracked.settled.set_exception(RuntimeError(f"recording run {run_id} failed"))
+        if tracked.failures >= MAX_ATTEMPTS:
+            log.exception("giving up on recording run %s", run_id)
+            self._drop(tracked, "the database failed")
+            return
+        log.warning("recording run %s failed; will retry", run_id, exc_info=True)
+        self._dirty.add(run_id)
+        asyncio.get_running_loop().call_later(RETRY_AFTER, self._wake.set)
+
+    def _written(self, tracked: _Tracked, snapshot: _Snapshot) -> None:
+        tracked.inserted = tracked.request_written = True
+        tracked.written = snapshot.version
+        tracked.span_versions.update(snapshot.span_versions)
+        tracked.failures = 0
+        if snapshot.ledger is not None:
+            tracked.ledger = None
+        if snapshot.final and tracked.log.version == snapshot.version:
+            self._runs.pop(tracked.log.run_id, None)
+        if tracked.settled is not None and not tracked.settled.done() and snapshot.final:
+            tracked.settled.set_result(None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for tracked in self._runs.values():
+            if tracked.settled is not None and not tracked.settled.done():
+                tracked.settled.set_exception(RuntimeError(f"runs are not recorded: {exc}"))
+        self._runs.clear()
+        self._dirty.clear()
+
+    async def _maintain(self) -> None:
+        """Heartbeat; recover dead processes' runs; prune now and then."""
+        since_prune = PRUNE_EVERY
+        while True:
+            try:
+                if since_prune >= PRUNE_EVERY and (self._keep_days or self._max_mb):
+                    since_prune = 0.0
+                    pruned = await self.store.runs.prune(
+                        keep_days=self._keep_days, max_mb=self._max_mb
+                    )
+                    if pruned.by_age or pruned.by_size:
+                        log.info("pruned %d old run(s)", pruned.by_age + pruned.by_size)
+                await asyncio.sleep(self._heartbeat)
+                since_prune += self._heartbeat
+                if not await self.store.runs.heartbeat(self.instance):
+                    log.warning(
+                        "this process was taken for dead (no heartbeat for %ss)", self._lease
+                    )
+                await self.store.runs.sweep(self.instance, lease=self._lease)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("run store maintenance failed; will retry", exc_info=True)
+
+    # -- rows ------------------------------------------------------------------------------
+
+    def _snapshot(self, tracked: _Tracked) -> _Snapshot:
+        """What to write of a run, taken now (the run may change while it is written)."""
+        run = tracked.log
+        row = self._scrub(_run_row(run, self.instance.id))
+        if tracked.request_written:
+            row.pop("request")
+        spans = [
+            (span.seq not in tracked.span_versions, self._scrub(_span_row(run.run_id, span)))
+            for span in run.spans
+            if tracked.span_versions.get(span.seq) != span.version
+        ]
+        ledger = tracked.ledger if run.finished else None
+        return _Snapshot(
+            version=run.version,
+            row=row,
+            spans=spans,
+            span_versions={s.seq: s.version for s in run.spans},
+            ledger=ledger,
+            calls=run.calls() if ledger else [],
+            final=run.finished,
+        )
+
+    async def _save(self, conn: AsyncConnection, tracked: _Tracked, snapshot: _Snapshot) -> None:
+        run_id = tracked.log.run_id
+        if not tracked.inserted:
+            await conn.execute(insert(runs).values(snapshot.row))
+        else:
+            await conn.execute(update(runs).where(runs.c.id == run_id).values(snapshot.row))
+        for new, span in snapshot.spans:
+            if new:
+                await conn.execute(insert(run_spans).values(span))
+            else:
+                key = (run_spans.c.run_id == run_id, run_spans.c.seq == span["seq"])
+                await conn.execute(update(run_spans).where(*key).values(span))
+        if snapshot.ledger is not None:
+            status = await conn.scalar(select(runs.c.status).where(runs.c.id == run_id))
+            rows = [SpendRow(c.stage, c.model, c.cost) for c in snapshot.calls]
+            await self.store.ledger.settle_in(
+                conn,
+                snapshot.ledger.reservation_id,
+                run_id,
+                rows,
+                key_id=snapshot.ledger.key_id,
+            )
+            if status == "unfinished":  # pragma: no cover - needs a heartbeat stalled > lease
+                log.warning("run %s was taken for abandoned and charged already", run_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    version: int
+    row: dict[str, Any]
+    spans: list[tuple[bool, dict[str, Any]]]
+    span_versions: dict[int, int]
+    ledger: LedgerEntry | None
+    calls: list[Any]
+    final: bool
+
+
+def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
+    start = run.start
+    result = run.result
+    end = run.end
+    usage = end.usage if end is not None and end.usage is not None else None
+    totals: dict[str, Any] | None = None
+    if usage is not None:
+        totals = usage.to_dict() | {"cost_details": dict(end.cost_details) if end else {}}
+        totals["fusion_status"] = result.status if result is not None else None
+    citations = None
+    if result is not None:
+        citations = {
+            "sources": list(result.sources),
+            "annotations": list(result.annotations),
+            "unverified_citations": list(result.unverified_citations),
+        }
+    return {
+        "id": run.run_id,
+        "kind": run.kind,
+        "status": run.status,
+        "source": run.source,
+        "instance_id": instance_id,
+        "key_id": start.key_id,
+        "reservation_id": start.reservation_id,
+        "model": start.model,
+        "preset": run.preset,
+        "judge": run.judge,
+        "question": run.question(),
+        "request": {
+            "messages": [_message(m) for m in start.messages],
+            "options": dict(run.options),
+            "members": list(run.members),
+        },
+        "answer": run.answer,
+        "analysis": run.analysis,
+        "citations": citations,
+        "failure_reason": end.failure_reason if end else None,
+        "failure_message": end.failure_message if end else None,
+        "totals": totals,
+        "cost_nano": None if usage is None or usage.cost is None else to_nano(usage.cost),
+        "streamed": start.streamed,
+        "created_at": run.created_at,
+        "updated_at": utcnow(),
+        "finished_at": run.finished_at,
+        "latency_ms": run.latency_ms,
+    }
+
+
+def _span_row(run_id: str, span: Span) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "seq": span.seq,
+        "kind": span.kind,
+        "name": span.name[:255],
+        "stage": span.stage,
+        "member": span.member,
+        "status": span.status,
+        "start_ms": span.start_ms,
+        "end_ms": span.end_ms,
+        "model": span.model[:255] if span.model else None,
+        "cost_nano": None if span.cost is None else to_nano(span.cost),
+        "data": dict(span.data),
+    }
+
+
+def _message(message: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        item["tool_calls"] = [
+            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """The configured secrets a record must never hold: the values of the environment
+    variables that hold provider and tool API keys."""
+    names = {p.api_key_env for p in settings.providers.values() if p.api_key_env}
+    names |= {n for n in settings.env if n.endswith(("_API_KEY", "_TOKEN", "_SECRET"))}
+    values = {settings.env.get(name, "") for name in names}
+    return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)
+
+
+def _scrubber(secrets: Sequence[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, Mapping):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [scrub(v) for v in value]
+        return value
+
+    def scrub_row(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: scrub(v) for k, v in row.items()} if secrets else row
+
+    return scrub_row
