@@ -1,0 +1,208 @@
+"""Real `openfusion serve` processes on one database (SQLite file, or PostgreSQL): a generation
+and a run are readable from every replica; kill -9 one with runs in flight, restart it: those
+runs read ``unfinished``, the other replica's run in flight is left alone, finished runs are
+intact, and the spend ledger equals the sum of the costs of the calls the runs recorded.
+
+Slow (about 20 s per database): it starts three server processes, each importing openfusion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers import ANALYSIS, POSTGRES_URL, create_key, in_store
+from server_fixtures import bound_socket, config_dir, write_config, write_preset
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from openfusion.engine.runlog import billed
+from openfusion.settings import Settings
+from openfusion.store import NANO, Store
+from openfusion.store.schema import run_spans, runs, spend
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "Who wrote Pride and Prejudice?"}]
+SCRIPT = {
+    "a": {"content": "Jane Austen.", "cost": 0.001},
+    "b": {"content": "Austen, in 1813.", "cost": 0.002},
+    "slow": {"content": "Too late.", "delay": 120, "cost": 0.004},
+    "judge": {
+        "json": {"content": json.dumps(ANALYSIS), "cost": 0.0004},
+        "text": {"content": "Jane Austen wrote it.", "cost": 0.0005},
+    },
+}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The replicas' database: a SQLite file, or a PostgreSQL database of the test's own."""
+    if request.param == "sqlite":
+        yield Settings.load().database
+        return
+    name = f"openfusion_test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except (OSError, SQLAlchemyError) as exc:
+        await admin.dispose()
+        pytest.skip(f"PostgreSQL at {POSTGRES_URL} cannot be used: {exc}")
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+def setup(database_url: str) -> dict[str, str]:
+    """Presets ``fast`` (a, b) and ``hang`` (a, slow: never done in the test's time), scripted
+    models with known costs; the environment of the server processes."""
+    script = config_dir() / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    write_config(f'[providers.demo]\ntype = "scripted"\noptions.script = "{script}"\n')
+    write_preset("fast", "demo/judge", ["demo/a", "demo/b"])
+    write_preset("hang", "demo/judge", ["demo/a", "demo/slow"])
+    prices = {"a": 0.001, "b": 0.002, "slow": 0.004, "judge": 0.0005}  # a key's budget needs them
+    (config_dir() / "prices.toml").write_text(
+        "".join(
+            f'["demo/{m}"]\nprompt = 0\ncompletion = 0\nrequest = {p}\n' for m, p in prices.items()
+        )
+    )
+    env = dict(os.environ, OPENFUSION_DATABASE_URL=database_url, OPENFUSION_RECORD="1")
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+@contextmanager
+def server(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-c", "from openfusion.cli import main; main()", "serve"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
+
+
+def wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server at {url} exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    raise AssertionError(f"the server at {url} did not start in 60 s")
+
+
+async def get(session: aiohttp.ClientSession, url: str, **params: str) -> Any:
+    async with session.get(url, params=params) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def ask(session: aiohttp.ClientSession, url: str, preset: str) -> str:
+    body = {"model": f"openfusion/{preset}", "messages": QUESTION}
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
+        assert response.status == 200, await response.text()
+        await response.read()
+        return response.headers["X-Generation-Id"]
+
+
+async def recorded_and_charged(settings: Settings) -> tuple[int, int]:
+    """The sum of the costs of the calls recorded by runs that ended (finished or unfinished),
+    and the sum of the spend ledger, in nano-USD."""
+
+    async def sums(store: Store) -> tuple[int, int]:
+        ended = select(runs.c.id).where(runs.c.status != "running")
+        async with store.db.read() as conn:
+            query = select(run_spans).where(run_spans.c.run_id.in_(ended))
+            spans = (await conn.execute(query)).mappings().all()
+            charged = await conn.scalar(select(func.coalesce(func.sum(spend.c.cost_nano), 0)))
+        calls = [s["cost_nano"] for s in spans if billed(s["kind"], s["status"], s["cost_nano"])]
+        return sum(c or 0 for c in calls), int(charged or 0)
+
+    return await asyncio.to_thread(in_store, settings, sums)
+
+
+async def test_replicas_share_runs_and_a_killed_one_leaves_unfinished_runs(
+    database_url: str,
+) -> None:
+    env = setup(database_url)
+    settings = Settings.load({**env})
+    key_id, key = create_key(settings, "team")
+    await asyncio.to_thread(in_store, settings, lambda store: store.ledger.set_budget(key_id, 10))
+    headers = {"Authorization": f"Bearer {key}"}
+    with server(env) as (a, a_url), server(env) as (b, b_url):
+        await asyncio.to_thread(wait_up, a_url, a)
+        await asyncio.to_thread(wait_up, b_url, b)
+        async with aiohttp.ClientSession(headers=headers) as session:
+            finished = await ask(session, a_url, "fast")
+            generation = (await get(session, b_url + "/v1/generation", id=finished))["data"]
+            assert generation["id"] == finished and generation["status"] == "ok"
+            assert round(generation["total_cost"] * NANO) == 3_900_000
+            before = await get(session, f"{b_url}/v1/fusion/runs/{finished}")
+            in_flight = [
+                asyncio.create_task(ask(session, url, "hang")) for url in (a_url, a_url, b_url)
+            ]
+            try:
+                ids = await all_started(session, b_url)
+                os.kill(a.pid, signal.SIGKILL)
+                a.wait(10)
+                with server(env) as (restarted, restarted_url):
+                    await asyncio.to_thread(wait_up, restarted_url, restarted)
+                    listed = (await get(session, restarted_url + "/v1/fusion/runs"))["data"]
+                    status = {r["id"]: r["status"] for r in listed if r["id"] in ids}
+                    after = await get(session, f"{restarted_url}/v1/fusion/runs/{finished}")
+            finally:
+                for task in in_flight:
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+    # A's two runs in flight are unfinished; B's, in flight on a live replica, is not.
+    assert sorted(status.values()) == ["running", "unfinished", "unfinished"], status
+    assert {**after, "updated_at": None} == {**before, "updated_at": None}  # intact
+    # The finished run, and member a of each run in flight (B's was cancelled at the end).
+    calls, charged = await recorded_and_charged(settings)
+    assert calls == charged == 3_900_000 + 3 * 1_000_000
+    budget = await asyncio.to_thread(in_store, settings, lambda s: s.ledger.budget(key_id))
+    assert (budget.spent_nano, budget.reserved_nano) == (charged, 0)
+
+
+async def all_started(session: aiohttp.ClientSession, url: str) -> set[str]:
+    """Wait until three runs are in flight, each with its first member's answer recorded."""
+    deadline = time.monotonic() + 30
+    while True:
+        page = await get(session, url + "/v1/fusion/runs", status="running")
+        found = [await get(session, f"{url}/v1/fusion/runs/{r['id']}") for r in page["data"]]
+        if len(found) == 3 and all(r["members"][0]["status"] == "ok" for r in found):
+            return {r["id"] for r in found}
+        assert time.monotonic() < deadline, "the runs did not start"
+        await asyncio.sleep(0.1)
