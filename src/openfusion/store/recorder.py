@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from openfusion.engine.runlog import RunLog, Span
@@ -248,8 +248,7 @@ class StoreRecorder:
             return
         try:
             async with self.store.db.write() as conn:
-                for tracked, snapshot in batch:
-                    await self._save(conn, tracked, snapshot)
+                await self._save(conn, batch)
         except Exception:
             if len(batch) == 1:
                 self._failed(*batch[0])
@@ -257,7 +256,7 @@ class StoreRecorder:
             for item in batch:  # one at a time, to find the one that fails
                 try:
                     async with self.store.db.write() as conn:
-                        await self._save(conn, *item)
+                        await self._save(conn, [item])
                 except Exception:
                     self._failed(*item)
                 else:
@@ -352,30 +351,58 @@ class StoreRecorder:
             final=run.finished,
         )
 
-    async def _save(self, conn: AsyncConnection, tracked: _Tracked, snapshot: _Snapshot) -> None:
-        run_id = tracked.log.run_id
-        if not tracked.inserted:
-            await conn.execute(insert(runs).values(snapshot.row))
-        else:
-            await conn.execute(update(runs).where(runs.c.id == run_id).values(snapshot.row))
-        for new, span in snapshot.spans:
-            if new:
-                await conn.execute(insert(run_spans).values(span))
+    async def _save(
+        self, conn: AsyncConnection, batch: Sequence[tuple[_Tracked, _Snapshot]]
+    ) -> None:
+        """Write a batch: one statement per kind of change (compiled once, executed for many
+        rows), then the spend of the runs that settle."""
+        new_runs, changed_runs, new_spans, changed_spans = [], [], [], []
+        for tracked, snapshot in batch:
+            if tracked.inserted:
+                changed_runs.append(_keyed(snapshot.row, {"id": "row_id"}))
             else:
-                key = (run_spans.c.run_id == run_id, run_spans.c.seq == span["seq"])
-                await conn.execute(update(run_spans).where(*key).values(span))
-        if snapshot.ledger is not None:
-            status = await conn.scalar(select(runs.c.status).where(runs.c.id == run_id))
-            rows = [SpendRow(c.stage, c.model, c.cost) for c in snapshot.calls]
-            await self.store.ledger.settle_in(
-                conn,
-                snapshot.ledger.reservation_id,
-                run_id,
-                rows,
-                key_id=snapshot.ledger.key_id,
-            )
-            if status == "unfinished":  # pragma: no cover - needs a heartbeat stalled > lease
-                log.warning("run %s was taken for abandoned and charged already", run_id)
+                new_runs.append(snapshot.row)
+            for new, span in snapshot.spans:
+                if new:
+                    new_spans.append(span)
+                else:
+                    changed_spans.append(_keyed(span, {"run_id": "row_id", "seq": "row_seq"}))
+        if new_runs:
+            await conn.execute(insert(runs), new_runs)
+        for rows in _same_columns(changed_runs):  # with and without ``request``
+            await conn.execute(_UPDATE_RUN, rows)
+        if new_spans:
+            await conn.execute(insert(run_spans), new_spans)
+        if changed_spans:
+            await conn.execute(_UPDATE_SPAN, changed_spans)
+        for tracked, snapshot in batch:
+            if snapshot.ledger is not None:
+                await self._charge(conn, tracked.log.run_id, snapshot)
+
+    async def _charge(self, conn: AsyncConnection, run_id: str, snapshot: _Snapshot) -> None:
+        assert snapshot.ledger is not None
+        rows = [SpendRow(c.stage, c.model, c.cost) for c in snapshot.calls]
+        await self.store.ledger.settle_in(
+            conn, snapshot.ledger.reservation_id, run_id, rows, key_id=snapshot.ledger.key_id
+        )
+
+
+_UPDATE_RUN = update(runs).where(runs.c.id == bindparam("row_id"))
+_UPDATE_SPAN = update(run_spans).where(
+    run_spans.c.run_id == bindparam("row_id"), run_spans.c.seq == bindparam("row_seq")
+)
+
+
+def _keyed(row: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
+    """An update's parameters: the key columns renamed to the WHERE clause's parameters."""
+    return {keys.get(column, column): value for column, value in row.items()}
+
+
+def _same_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row), []).append(row)
+    return list(groups.values())
 
 
 @dataclass(frozen=True, slots=True)
