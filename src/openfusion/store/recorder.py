@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from openfusion.engine.runlog import RunLog, Span
@@ -356,6 +356,13 @@ class StoreRecorder:
     ) -> None:
         """Write a batch: one statement per kind of change (compiled once, executed for many
         rows), then the spend of the runs that settle."""
+        settling = [t.log.run_id for t, snapshot in batch if snapshot.ledger is not None]
+        recovered: set[str] = set()
+        if settling:  # a run another process took for abandoned has been charged already
+            found = await conn.scalars(
+                select(runs.c.id).where(runs.c.id.in_(settling), runs.c.status == "unfinished")
+            )
+            recovered = set(found.all())
         new_runs, changed_runs, new_spans, changed_spans = [], [], [], []
         for tracked, snapshot in batch:
             if tracked.inserted:
@@ -377,10 +384,16 @@ class StoreRecorder:
             await conn.execute(_UPDATE_SPAN, changed_spans)
         for tracked, snapshot in batch:
             if snapshot.ledger is not None:
-                await self._charge(conn, tracked.log.run_id, snapshot)
+                run_id = tracked.log.run_id
+                await self._charge(conn, run_id, snapshot, run_id in recovered)
 
-    async def _charge(self, conn: AsyncConnection, run_id: str, snapshot: _Snapshot) -> None:
+    async def _charge(
+        self, conn: AsyncConnection, run_id: str, snapshot: _Snapshot, recovered: bool
+    ) -> None:
         assert snapshot.ledger is not None
+        if recovered:  # pragma: no cover - needs this process's heartbeat stalled past the lease
+            log.warning("run %s was taken for abandoned and charged as recorded then", run_id)
+            return
         rows = [SpendRow(c.stage, c.model, c.cost) for c in snapshot.calls]
         await self.store.ledger.settle_in(
             conn, snapshot.ledger.reservation_id, run_id, rows, key_id=snapshot.ledger.key_id

@@ -136,9 +136,9 @@ class RunStore:
     async def _abandon(self, conn: AsyncConnection, instance_ids: Sequence[str]) -> int:
         found = (
             await conn.execute(
-                select(runs.c.id, runs.c.source, runs.c.key_id, runs.c.reservation_id).where(
-                    runs.c.instance_id.in_(instance_ids), runs.c.status == "running"
-                )
+                select(runs.c.id, runs.c.source, runs.c.key_id, runs.c.reservation_id)
+                .where(runs.c.instance_id.in_(instance_ids), runs.c.status == "running")
+                .with_for_update()  # two replicas sweeping at once: the second finds them done
             )
         ).all()
         now = utcnow()
