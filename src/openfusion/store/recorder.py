@@ -106,7 +106,8 @@ class StoreRecorder:
         self._runs: dict[str, _Tracked] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._urgent = False
+        self._urgent = asyncio.Event()
+        """Set when a request waits for a write (``settle``): the writer stops gathering."""
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[bool] | None = None
@@ -161,7 +162,7 @@ class StoreRecorder:
             raise RuntimeError(f"run {run.run_id} is not being recorded (see the log)")
         tracked.ledger = ledger
         settled = tracked.settled = asyncio.get_running_loop().create_future()
-        self._urgent = True
+        self._urgent.set()
         run.finish(end)
         self._changed(run)
         await asyncio.shield(settled)
@@ -176,6 +177,7 @@ class StoreRecorder:
         """Write everything pending, mark what is still running ``unfinished``, stop."""
         self._closing = True
         self._wake.set()
+        self._urgent.set()
         for task in self._tasks:
             with contextlib.suppress(Exception):
                 await task
@@ -220,9 +222,9 @@ class StoreRecorder:
                 if not self._closing:
                     await self._wake.wait()
                     self._wake.clear()
-                    if not self._urgent and not self._closing:
-                        await asyncio.sleep(self._flush_interval)
-                self._urgent = False
+                    with contextlib.suppress(TimeoutError):  # gather more, unless one waits
+                        await asyncio.wait_for(self._urgent.wait(), self._flush_interval)
+                self._urgent.clear()
                 try:
                     await self._write(sorted(self._dirty))
                 except Exception:  # a bug; the writer must go on (requests wait for it)
