@@ -41,7 +41,7 @@ from openfusion.engine.trace import (
     ToolCallEvent,
     TraceEvent,
 )
-from openfusion.types import Message, Usage
+from openfusion.types import Message, ToolCall, Usage
 
 MESSAGE_CHARS = 4000
 TOOL_RESULT_CHARS = 500
@@ -66,21 +66,6 @@ class Span:
     """USD; ``None`` while running or when unknown."""
     data: dict[str, Any] = field(default_factory=dict)
     version: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "kind": self.kind,
-            "name": self.name,
-            "stage": self.stage,
-            "member": self.member,
-            "status": self.status,
-            "start_ms": self.start_ms,
-            "end_ms": self.end_ms,
-            "model": self.model,
-            "cost": self.cost,
-            **self.data,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,9 +348,7 @@ def _call_data(record: CallRecord) -> dict[str, Any]:
         "models": list(record.models),
         "messages": list(_messages(record.messages)),
         "content": record.content,
-        "tool_calls": [
-            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in record.tool_calls
-        ],
+        "tool_calls": [_call_dict(c) for c in record.tool_calls],
         "usage": record.usage.to_dict(),
         "tries": record.tries,
         "error": None
@@ -374,17 +357,23 @@ def _call_data(record: CallRecord) -> dict[str, Any]:
     }
 
 
+def message_dict(message: Message, limit: int | None = None) -> dict[str, Any]:
+    """A message as a record keeps it: its content cut to ``limit`` characters (noted)."""
+    content = message.content
+    if limit is not None and len(content) > limit:
+        content = content[:limit] + f"… [{len(message.content) - limit} more characters]"
+    item: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls:
+        item["tool_calls"] = [_call_dict(c) for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
 def _messages(messages: Iterable[Message]) -> Iterable[dict[str, Any]]:
     for message in messages:
-        limit = TOOL_RESULT_CHARS if message.role == "tool" else MESSAGE_CHARS
-        content = message.content
-        if len(content) > limit:
-            content = content[:limit] + f"… [{len(message.content) - limit} more characters]"
-        item: dict[str, Any] = {"role": message.role, "content": content}
-        if message.tool_calls:
-            item["tool_calls"] = [
-                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
-            ]
-        if message.tool_call_id is not None:
-            item["tool_call_id"] = message.tool_call_id
-        yield item
+        yield message_dict(message, TOOL_RESULT_CHARS if message.role == "tool" else MESSAGE_CHARS)
+
+
+def _call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments}

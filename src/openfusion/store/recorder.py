@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from openfusion.engine.runlog import RunLog, Span
+from openfusion.engine.runlog import RunLog, Span, message_dict
 from openfusion.engine.trace import RunEnd, RunStart
 from openfusion.settings import Settings
 from openfusion.store.ledger import SpendRow, to_nano
@@ -460,7 +460,7 @@ def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
         "judge": run.judge,
         "question": run.question(),
         "request": {
-            "messages": [_message(m) for m in start.messages],
+            "messages": [message_dict(m) for m in start.messages],
             "options": dict(run.options),
             "members": list(run.members),
         },
@@ -494,17 +494,6 @@ def _span_row(run_id: str, span: Span) -> dict[str, Any]:
         "cost_nano": None if span.cost is None else to_nano(span.cost),
         "data": dict(span.data),
     }
-
-
-def _message(message: Any) -> dict[str, Any]:
-    item: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.tool_calls:
-        item["tool_calls"] = [
-            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
-        ]
-    if message.tool_call_id is not None:
-        item["tool_call_id"] = message.tool_call_id
-    return item
 
 
 def secret_values(settings: Settings) -> list[str]:

@@ -117,10 +117,10 @@ class RunStore:
         now = utcnow()
         async with self.db.read() as conn:
             rows = (await conn.execute(select(instances))).mappings().all()
-            orphans = await conn.scalars(
+            orphans = await conn.scalars(  # one statement: one snapshot of runs and instances
                 select(runs.c.instance_id)
                 .where(
-                    runs.c.status == "running", runs.c.instance_id.not_in([r["id"] for r in rows])
+                    runs.c.status == "running", runs.c.instance_id.not_in(select(instances.c.id))
                 )
                 .distinct()
             )
