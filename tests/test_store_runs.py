@@ -12,14 +12,15 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from click.testing import CliRunner
 from helpers import ANALYSIS, eventually
+from pydantic import Field
 from sqlalchemy import func, select, update
 
-from openfusion import Fusion, Preset, Settings
+from openfusion import Fusion, PanelSlot, Preset, Settings
 from openfusion.cli import main
 from openfusion.engine.trace import CallRecord, ModelCallEvent, RunEnd, RunStart
 from openfusion.providers import ProviderRegistry
@@ -28,10 +29,12 @@ from openfusion.store import RunFilter, SpendRow, Store, to_nano
 from openfusion.store.recorder import LedgerEntry, StoreRecorder
 from openfusion.store.runs import Instance, utcnow
 from openfusion.store.schema import instances, run_spans, runs, spend
-from openfusion.types import Message, Usage
+from openfusion.tools import Source, Tool, ToolOutput, ToolRegistry
+from openfusion.types import Message, ToolCall, Usage
 
 COSTS = {"a": 0.001, "b": 0.002, "analysis": 0.0004, "synthesis": 0.0005}
 QUESTION = "Who wrote Emma?"
+DOC = "https://books.example/emma"
 
 
 def registry(settings: Settings, **extra: Step) -> ProviderRegistry:
@@ -119,6 +122,44 @@ async def test_the_library_records_a_run_by_default(monkeypatch: pytest.MonkeyPa
         "analysis": COSTS["analysis"],
         "synthesis": COSTS["synthesis"],
     }
+
+
+async def test_a_member_with_tools_records_each_turn_and_tool_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = recording(monkeypatch)
+    page = "Jane Austen wrote Emma (1815). " * 100
+
+    async def lookup(query: Annotated[str, Field(description="keywords")]) -> ToolOutput:
+        """Look a fact up."""
+        return ToolOutput(page, (Source("Emma", DOC, "", "test"),), cost=0.01)
+
+    call = ToolCall("c1", "lookup", json.dumps({"query": "emma author"}))
+    searching = [Step("", tool_calls=(call,), cost=0.001), Step(f"Austen, see {DOC}.", cost=0.002)]
+    found = registry(settings, a=searching)
+    preset = Preset("t", (PanelSlot("demo/a"),), judge="demo/judge")
+    tools = ToolRegistry([Tool.from_function(lookup)])
+    async with Fusion(preset, settings=settings, registry=found, tools=tools) as fusion:
+        result = await fusion.run(QUESTION)
+    run = await stored(settings, result.run_id)
+    assert run is not None
+    member = [s for s in run["timeline"] if s["member"] == 0 and s["kind"] != "member"]
+    assert [(s["kind"], s["name"]) for s in member] == [
+        ("model", "demo/a"),
+        ("tool", "lookup"),
+        ("model", "demo/a"),
+    ]
+    first, tool, second = member
+    assert first["tool_calls"] == [{"id": "c1", "name": "lookup", "arguments": call.arguments}]
+    assert first["end_ms"] <= tool["start_ms"] <= tool["end_ms"] <= second["start_ms"]
+    assert tool["arguments"] == call.arguments and tool["sources"] == [DOC]
+    assert len(tool["result"]) == 500 and tool["cost"] == 0.01  # the result is cut
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool"]
+    assert second["messages"][-1]["content"].endswith("more characters]")
+    assert run["members"][0]["tool_calls"] == 1
+    assert run["cost_breakdown"]["tools"] == 0.01
+    assert run["cost_breakdown"]["by_model"]["tool:lookup"] == 0.01
+    assert run["cost_breakdown"]["by_member"] == {"demo/a": pytest.approx(0.013)}
 
 
 async def test_a_run_is_readable_while_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
