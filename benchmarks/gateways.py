@@ -68,7 +68,7 @@ from measure import Bench, Target, complete, log, session
 from processes import Server, free_port, thread_cpu_seconds, wait_until
 from pyspy import record, summarise
 from report import details, goals, loadavg, machine_facts, table
-from server_throughput import ANALYSIS_JSON, UNSAFE_ENV, NullLedger
+from server_throughput import ANALYSIS_JSON, UNSAFE_ENV, NullRecorder, NullStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWER = "Jane Austen wrote Emma."
@@ -117,13 +117,14 @@ def serve_mock(slow: float) -> None:
 
 
 def serve_without_ledger(port: int) -> None:
-    """``openfusion serve`` (one worker) with a ledger that records nothing."""
+    """``openfusion serve`` (one worker) with a store that keeps nothing (no spend ledger, no
+    run records)."""
     import uvicorn
 
     from openfusion.server.app import create_app
     from openfusion.settings import Settings
 
-    app = create_app(Settings.load(), ledger=NullLedger())  # type: ignore[arg-type]
+    app = create_app(Settings.load(), store=NullStore(), recorder=NullRecorder())  # type: ignore[arg-type]
     uvicorn.run(app, port=port, loop="uvloop", http="httptools", log_level="info")
 
 
@@ -156,7 +157,9 @@ def start_openfusion(
             f'description = "benchmark panel"\njudge = "mock/{prefix}judge"\npanel = [{panel}]\n'
         )
     env = clean_env(
-        OPENFUSION_CONFIG_DIR=str(config_dir), OPENFUSION_CACHE_DIR=str(config_dir / "cache")
+        OPENFUSION_CONFIG_DIR=str(config_dir),
+        OPENFUSION_CACHE_DIR=str(config_dir / "cache"),
+        OPENFUSION_DATA_DIR=str(config_dir / "data"),  # the store: not the user's
     )
     port = free_port()
     command = [sys.executable, "-c", "from openfusion.cli import main; main()", "serve"]

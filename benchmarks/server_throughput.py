@@ -41,6 +41,8 @@ import uvicorn
 import uvloop
 from load import Call, Result, failures, percentile, run_load
 
+from openfusion.engine.runlog import RunLog
+from openfusion.engine.trace import RunStart
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.server import create_app
@@ -77,6 +79,50 @@ WARMUP_SECONDS = 2.0
 
 
 # -- the server (subprocess) ------------------------------------------------------------------
+
+
+class NullStore:
+    """Keeps nothing: no keys, no budgets, no spend, no runs (``gateways.py --variants
+    no-ledger``: what the store costs the gateway)."""
+
+    def __init__(self) -> None:
+        self.ledger = self
+        self.keys = self
+        self.runs = self
+
+    async def init(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def has_active_keys(self) -> bool:
+        return False
+
+    async def reserve(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    async def settle(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+class NullRecorder:
+    """Records nothing: runs are traced in memory (the engine does that anyway) and dropped."""
+
+    def start_run(self, start: RunStart) -> RunLog:
+        return RunLog(start, source="server")
+
+    def discard(self, run: RunLog) -> None:
+        pass
+
+    async def settle(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
 
 
 def serve() -> None:

@@ -320,15 +320,16 @@ def create_app(
     *,
     registry: ProviderRegistry | None = None,
     store: Store | None = None,
+    recorder: StoreRecorder | None = None,
     tools: ToolRegistry | None = None,
 ) -> ASGIApp:
     """The app; spend, budgets, API keys and runs live in ``store`` (default: the store of
-    ``settings.database``), panel tools come from ``tools`` (default: the built-ins ``[tools]``
-    configures)."""
+    ``settings.database``), written by ``recorder`` (default: one on ``store``); panel tools come
+    from ``tools`` (default: the built-ins ``[tools]`` configures)."""
     settings = settings or Settings.load()
     registry = registry or ProviderRegistry(settings)
     store = store or Store.for_settings(settings)
-    recorder = StoreRecorder(
+    recorder = recorder or StoreRecorder(
         store,
         source="server",
         secrets=secret_values(settings),
