@@ -5,6 +5,12 @@ judge's analysis, each member's answer side by side, a timeline of every call, a
 breakdown; the same object while the run is in progress (``status: running``), with what it
 has done so far. Times on the timeline are milliseconds from the run's start. Money is USD,
 ``null`` when a part of it is unknown.
+
+A run's ``status``: ``running``, ``ok``, ``error``, ``cancelled`` (its client went away), or
+``unfinished`` (its process died). A span's: ``waiting``, ``running``, ``ok``, ``failed``,
+``cancelled`` (stopped mid-way: a straggler past the deadline, a client gone), or
+``unfinished`` (its process died). ``updated_at`` moves whenever the record does: a page that
+polls a run in progress redraws when it changes.
 """
 
 from __future__ import annotations
