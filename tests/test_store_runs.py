@@ -26,6 +26,7 @@ from openfusion.engine.trace import CallRecord, ModelCallEvent, RunEnd, RunStart
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.store import RunFilter, SpendRow, Store, to_nano
+from openfusion.store import recorder as recorder_module
 from openfusion.store.recorder import LedgerEntry, StoreRecorder
 from openfusion.store.runs import Instance, utcnow
 from openfusion.store.schema import instances, run_spans, runs, spend
@@ -205,6 +206,20 @@ async def test_a_store_that_fails_never_fails_the_answer(
     result = await Fusion(PRESET, settings=settings, registry=registry(settings)).run(QUESTION)
     assert result.status == "ok" and result.content == "Jane Austen wrote Emma."
     assert "runs are not recorded" in caplog.text
+
+
+async def test_a_store_that_never_answers_does_not_hold_the_close(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(store, "init", hang)
+    monkeypatch.setattr(recorder_module, "CLOSE_TIMEOUT", 0.2)
+    recorder = StoreRecorder(store, source="library")
+    recorder.start_run(RunStart("stuck", "call", (Message("user", QUESTION),)))
+    await asyncio.wait_for(recorder.aclose(), 10)
+    assert "did not answer in 0.2s: 1 run(s) not written" in caplog.text
 
 
 def test_openfusion_ask_records_and_says_where(monkeypatch: pytest.MonkeyPatch) -> None:

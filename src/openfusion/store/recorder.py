@@ -52,6 +52,7 @@ PRUNE_EVERY = 3600.0
 MAX_PENDING = 10_000
 MAX_ATTEMPTS = 5
 RETRY_AFTER = 1.0
+CLOSE_TIMEOUT = 30.0
 REDACTED = "[redacted]"
 
 
@@ -174,13 +175,23 @@ class StoreRecorder:
         await asyncio.shield(self._ready)
 
     async def aclose(self) -> None:
-        """Write everything pending, mark what is still running ``unfinished``, stop."""
+        """Write everything pending (for at most ``CLOSE_TIMEOUT`` seconds: a database that
+        does not answer does not hold the process), mark what is still running
+        ``unfinished``, stop."""
         self._closing = True
         self._wake.set()
         self._urgent.set()
-        for task in self._tasks:
-            with contextlib.suppress(Exception):
-                await task
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
+            if late:
+                log.warning(
+                    "the run store did not answer in %ss: %d run(s) not written",
+                    CLOSE_TIMEOUT,
+                    len(self._runs),
+                )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._ready is not None and self._ready.done() and self._ready.result():
             try:
                 await self.store.runs.retire(self.instance)
@@ -209,11 +220,13 @@ class StoreRecorder:
             recovered = await self.store.runs.sweep(self.instance, lease=self._lease)
             if recovered:
                 log.warning("marked %d run(s) of stopped processes as unfinished", recovered)
-        except Exception as exc:
-            log.warning("runs are not recorded: %s", exc)
+        except (Exception, asyncio.CancelledError) as exc:  # cancelled: closed before it opened
+            log.warning("runs are not recorded: %s", str(exc) or "the store did not open in time")
             self._disabled = True
             self._ready.set_result(False)
             self._fail_all(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         maintenance = asyncio.create_task(self._maintain(), name="openfusion-runs-heartbeat")
         self._ready.set_result(True)
