@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from helpers import POSTGRES_URL
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import create_async_engine
+from helpers import new_postgres_schema
 
 from openfusion.settings import RetrySettings, Settings, StoreSettings
 
@@ -95,28 +91,8 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
         yield lambda *args, **kwargs: stack.enter_context(run_server(*args, **kwargs))
 
 
-def _postgres_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 async def postgres_schema() -> AsyncIterator[str]:
-    """A fresh schema in the local PostgreSQL's ``test`` database, dropped afterwards."""
-    if not _postgres_reachable():
-        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({POSTGRES_URL})")
-    schema = f"openfusion_test_{uuid.uuid4().hex[:12]}"
-    try:
+    """A fresh schema in the local PostgreSQL's ``test`` database (``helpers``)."""
+    async with new_postgres_schema() as schema:
         yield schema
-    finally:
-        engine = create_async_engine(POSTGRES_URL)
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        except (OSError, SQLAlchemyError):
-            pass  # the database could not be used: the test skipped before making the schema
-        finally:
-            await engine.dispose()

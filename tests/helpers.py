@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from openfusion.settings import Settings
 from openfusion.store import Store
@@ -82,3 +88,31 @@ def create_key(settings: Settings, name: str, *, admin: bool = False) -> tuple[s
         return record.id, key
 
     return in_store(settings, create)
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@asynccontextmanager
+async def new_postgres_schema() -> AsyncIterator[str]:
+    """A fresh schema in the local PostgreSQL's ``test`` database, dropped afterwards (the test
+    skips, saying why, when PostgreSQL is not there)."""
+    if not _postgres_reachable():
+        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432 ({POSTGRES_URL})")
+    schema = f"openfusion_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield schema
+    finally:
+        engine = create_async_engine(POSTGRES_URL)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        except (OSError, SQLAlchemyError):
+            pass  # the database could not be used: the test skipped before making the schema
+        finally:
+            await engine.dispose()

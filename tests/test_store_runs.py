@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import ANALYSIS, eventually
+from helpers import ANALYSIS, POSTGRES_URL, eventually, new_postgres_schema
 from pydantic import Field
 from sqlalchemy import func, select, update
 
@@ -25,7 +25,7 @@ from openfusion.cli import main
 from openfusion.engine.trace import CallRecord, ModelCallEvent, RunEnd, RunStart
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
-from openfusion.store import RunFilter, SpendRow, Store, to_nano
+from openfusion.store import Database, RunFilter, SpendRow, Store, to_nano
 from openfusion.store import recorder as recorder_module
 from openfusion.store.recorder import LedgerEntry, StoreRecorder
 from openfusion.store.runs import Instance, utcnow
@@ -252,10 +252,18 @@ def test_openfusion_ask_records_and_says_where(monkeypatch: pytest.MonkeyPatch) 
 # --- crash recovery ------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    settings = Settings(config_dir=tmp_path / "config", cache_dir=tmp_path / "cache")
-    async with Store.for_settings(settings) as opened:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store on SQLite, and on the local PostgreSQL (a schema of the test's own)."""
+    if request.param == "sqlite":
+        settings = Settings(config_dir=tmp_path / "config", cache_dir=tmp_path / "cache")
+        async with Store.for_settings(settings) as opened:
+            yield opened
+        return
+    async with (
+        new_postgres_schema() as schema,
+        Store(Database(POSTGRES_URL, schema=schema)) as opened,
+    ):
         yield opened
 
 

@@ -177,13 +177,17 @@ class RunStore:
         if keep_days > 0:
             cutoff = now - timedelta(days=keep_days)
             while batch := await self._oldest(PRUNE_BATCH, before=cutoff):
-                by_age += await self._delete(batch)
+                deleted = await self._delete(batch)
+                if not deleted:
+                    break  # another replica is pruning
+                by_age += deleted
         size = await self.size_mb()
         while max_mb > 0 and size is not None and size > max_mb:
             batch = await self._oldest(PRUNE_BATCH // 5)
-            if not batch:
-                break
-            by_size += await self._delete(batch)
+            deleted = await self._delete(batch) if batch else 0
+            if not deleted:
+                break  # nothing left to prune, or another replica is at it
+            by_size += deleted
             size = await self.size_mb()
         return Pruned(by_age, by_size, size)
 
@@ -195,12 +199,10 @@ class RunStore:
                 page = await conn.scalar(text("PRAGMA page_size"))
                 return ((pages or 0) - (free or 0)) * (page or 0) / 1e6
             total = 0
-            for table in (runs, run_spans):
-                name = f"{self.db.schema or 'public'}.{table.name}"
-                total += (
-                    await conn.scalar(select(func.pg_total_relation_size(func.to_regclass(name))))
-                    or 0
-                )
+            for table in (runs, run_spans):  # unqualified: found on the search path
+                name = f'"{self.db.schema}".{table.name}' if self.db.schema else table.name
+                size = select(func.pg_total_relation_size(func.to_regclass(name)))
+                total += await conn.scalar(size) or 0
             return total / 1e6
 
     async def _oldest(self, limit: int, before: datetime | None = None) -> list[str]:
