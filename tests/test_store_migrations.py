@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from openfusion.errors import ConfigError
 from openfusion.store import SpendLedger
 from openfusion.store.database import SCRIPT_LOCATION, Database
 from openfusion.store.schema import SCHEMA_REVISION, budgets, metadata
@@ -157,6 +158,19 @@ async def test_init_adopts_the_ledgers_first_schema_and_keeps_its_rows(tmp_path:
     state = await schema_state(url)
     assert state["tables"] == TABLES and state["revision"] == SCHEMA_REVISION
     assert state["diff"] == []
+
+
+async def test_a_database_of_a_newer_openfusion_is_refused_untouched(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}"
+    database = Database(url)
+    await database.init()
+    async with database.write() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    await database.aclose()
+    again = Database(url)
+    with pytest.raises(ConfigError, match=r"revision 0099, made by a newer openfusion.*upgrade"):
+        await again.init()
+    await again.aclose()
 
 
 @pytest.mark.parametrize("start", ["empty", "legacy"])

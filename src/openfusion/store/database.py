@@ -97,7 +97,13 @@ class Database:
             if self._ready:
                 return
             try:
-                if await self._behind():
+                revision = await self._current()
+                if revision is not None and revision > SCHEMA_REVISION:
+                    raise ConfigError(
+                        f"database {self.where} has schema revision {revision}, made by a newer "
+                        f"openfusion (this one knows up to {SCHEMA_REVISION}): upgrade openfusion"
+                    )
+                if revision != SCHEMA_REVISION:
                     await asyncio.to_thread(_load_alembic)  # a slow import, off the event loop
                     async with self.migrating() as conn:  # then look again, under the lock
                         if await self._revision(conn) != SCHEMA_REVISION:
@@ -145,11 +151,11 @@ class Database:
         except SQLAlchemyError as exc:
             raise StoreError(f"database {self.where}: {reason(exc)}") from exc
 
-    async def _behind(self) -> bool:
+    async def _current(self) -> str | None:
         if self.file is not None:
             self.file.parent.mkdir(parents=True, exist_ok=True)
         async with self.engine.connect() as conn:
-            return await self._revision(conn) != SCHEMA_REVISION
+            return await self._revision(conn)
 
     async def _revision(self, conn: AsyncConnection) -> str | None:
         def has_version_table(sync: Connection) -> bool:
