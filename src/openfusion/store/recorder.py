@@ -1,11 +1,12 @@
 """``StoreRecorder``: writes runs to the store as they progress, off the request's path.
 
 The engine feeds each run's ``RunLog`` (in memory, no I/O); every change marks the run dirty and
-wakes a background writer, which waits ``flush_interval`` to gather more, then writes every dirty
-run in one transaction: a new run is inserted as ``running``, a known one updated, its new or
-changed spans inserted or updated. A transaction holds whole changes only, so a crash never
-leaves a half-written record: what was committed reads as a consistent, earlier state of the run,
-and the next process marks it ``unfinished`` (``RunStore.sweep``).
+wakes a background writer, which waits ``flush_interval`` to gather more (less when a request
+waits for a write), then writes every dirty run in one transaction: a new run is inserted as
+``running``, a known one updated, its new or changed spans inserted or updated. A transaction
+holds whole changes only, so a crash never leaves a half-written record: what was committed
+reads as a consistent, earlier state of the run, and the next process marks it ``unfinished``
+(``RunStore.sweep``).
 
 Memory is bounded: the dirty set holds at most the runs in flight plus those waiting to be
 written, and past ``max_pending`` new runs are not recorded (logged). A write that fails is
@@ -68,8 +69,6 @@ class LedgerEntry:
 class _Tracked:
     log: RunLog
     inserted: bool = False
-    written: int = 0
-    """The run's version last written."""
     span_versions: dict[int, int] = field(default_factory=dict)
     request_written: bool = False
     ledger: LedgerEntry | None = None
@@ -301,7 +300,6 @@ class StoreRecorder:
 
     def _written(self, tracked: _Tracked, snapshot: _Snapshot) -> None:
         tracked.inserted = tracked.request_written = True
-        tracked.written = snapshot.version
         tracked.span_versions.update(snapshot.span_versions)
         tracked.failures = 0
         if snapshot.ledger is not None:
