@@ -198,3 +198,26 @@ def test_fence_truncation_note_is_outside_the_fence() -> None:
     assert note == "[truncated 30 chars]"
     assert body.splitlines()[-1].startswith("<<<END-UNTRUSTED-DATA")
     assert "x" * 20 in body and "x" * 21 not in body
+
+
+async def test_web_search_drops_results_from_denied_hosts() -> None:
+    from openfusion.tools.search import SearchResults, web_search_tool
+
+    class Backend:
+        name = "fake"
+
+        async def search(self, query: str, max_results: int) -> SearchResults:
+            urls = (
+                "https://huggingface.co/datasets/x",
+                "https://cdn.hf.co/y",
+                "https://example.org/z",
+            )
+            hits = tuple(Source(u, u, "snippet", "fake") for u in urls)
+            return SearchResults(hits, 0.001)
+
+    tools = ToolRegistry([web_search_tool(Backend(), deny_hosts=("huggingface.co", "hf.co"))])
+    result = await tools.call("web_search", '{"query": "draco rubric"}')
+    assert result.ok
+    assert [s.url for s in result.sources] == ["https://example.org/z"]
+    assert "huggingface" not in result.content and "hf.co" not in result.content
+    assert result.cost == 0.001

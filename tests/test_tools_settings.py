@@ -67,3 +67,10 @@ def test_default_tools_and_their_schemas(settings: Settings) -> None:
     assert search.parameters["properties"]["max_results"]["maximum"] == 20
     assert fetch.parameters["required"] == ["url"]
     assert "cite" in search.description and "cite" in fetch.description
+
+
+def test_deny_hosts_are_host_names() -> None:
+    ts = ToolSettings.model_validate({"deny_hosts": ["HuggingFace.co.", "hf.co"]})
+    assert ts.deny_hosts == ("huggingface.co", "hf.co")
+    with pytest.raises(ValidationError, match="not a host name"):
+        ToolSettings.model_validate({"deny_hosts": ["https://hf.co/x"]})

@@ -165,6 +165,17 @@ def test_allow_list_opens_only_what_it_names() -> None:
     assert policy.name_refusal("localhost") == "a name for this machine"
 
 
+async def test_denied_hosts_are_refused_before_any_lookup(connects: list[Any]) -> None:
+    resolver = StubResolver({"huggingface.co": [["8.8.8.8"]], "cdn.hf.co": [["8.8.4.4"]]})
+    policy = AddressPolicy.from_allow_list([], deny=["huggingface.co", "hf.co"])
+    fetcher = Fetcher(FetchConfig(policy=policy), resolver)
+    for url in ("https://huggingface.co/datasets/x", "https://cdn.hf.co/file", "http://HF.CO./"):
+        with pytest.raises(FetchRefused, match=r"excluded from this run \(deny_hosts"):
+            await fetcher.fetch(url)
+    assert connects == [] and resolver.calls == []
+    assert policy.name_refusal("nothf.co") is None  # a suffix, not a subdomain
+
+
 @pytest.fixture
 async def echo_host() -> AsyncIterator[tuple[int, list[str]]]:
     seen: list[str] = []

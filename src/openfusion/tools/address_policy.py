@@ -15,8 +15,10 @@ Any other name is resolved once, and EVERY address it resolves to must pass:
   6to4, NAT64 ``64:ff9b::/96``) are judged by the IPv4 address inside.
 
 ``AddressPolicy.allow`` entries (``[tools] fetch_allow_hosts``) open exact host names, or
-addresses and networks, that would otherwise be refused. ``vet`` returns the addresses it
-checked: the caller must connect to those and only those (no second lookup).
+addresses and networks, that would otherwise be refused; ``deny_names`` (``[tools]
+deny_hosts``) close host names, with their subdomains, that would otherwise be allowed.
+``vet`` returns the addresses it checked: the caller must connect to those and only those (no
+second lookup).
 """
 
 from __future__ import annotations
@@ -159,6 +161,15 @@ def _legacy_ipv4(host: str, raw_host: str) -> IPv4Address:
     raise FetchRefused(f"{raw_host!r} ends in a number but is not a valid IPv4 address")
 
 
+def denied_host(url: str, names: Iterable[str]) -> str | None:
+    """The entry of ``names`` that ``url``'s host is (or is a subdomain of), else ``None``."""
+    try:
+        host = (URL(url).host or "").lower().rstrip(".")
+    except (ValueError, TypeError):
+        return None
+    return next((n for n in names if host == n or host.endswith("." + n)), None)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A vetted URL: ``url`` to request (IPv4 host spelled canonically), and where to connect."""
@@ -173,10 +184,13 @@ class Target:
 class AddressPolicy:
     allow_networks: tuple[IPNetwork, ...] = ()
     allow_names: frozenset[str] = field(default_factory=frozenset)
+    deny_names: tuple[str, ...] = ()
+    """Host names refused with their subdomains, whatever they resolve to."""
 
     @classmethod
-    def from_allow_list(cls, entries: Iterable[str]) -> AddressPolicy:
-        """Entries are host names, IP addresses or CIDR networks (``[tools] fetch_allow_hosts``)."""
+    def from_allow_list(cls, entries: Iterable[str], deny: Iterable[str] = ()) -> AddressPolicy:
+        """Entries are host names, IP addresses or CIDR networks (``[tools] fetch_allow_hosts``);
+        ``deny`` are host names (``[tools] deny_hosts``)."""
         networks: list[IPNetwork] = []
         names: set[str] = set()
         for entry in entries:
@@ -185,7 +199,7 @@ class AddressPolicy:
                 networks.append(ipaddress.ip_network(value, strict=False))
             except ValueError:
                 names.add(value)
-        return cls(tuple(networks), frozenset(names))
+        return cls(tuple(networks), frozenset(names), tuple(deny))
 
     def address_refusal(self, ip: IPAddress) -> str | None:
         if any(ip.version == net.version and ip in net for net in self.allow_networks):
@@ -193,6 +207,9 @@ class AddressPolicy:
         return refusal_reason(ip)
 
     def name_refusal(self, name: str) -> str | None:
+        denied = next((d for d in self.deny_names if name == d or name.endswith("." + d)), None)
+        if denied is not None:
+            return f"excluded from this run (deny_hosts: {denied})"
         if name in self.allow_names:
             return None
         if name in LOOPBACK_NAMES or name.endswith(".localhost"):

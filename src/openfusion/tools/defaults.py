@@ -19,7 +19,9 @@ def fetch_config(tool_settings: ToolSettings) -> FetchConfig:
     return FetchConfig(
         max_bytes=tool_settings.fetch_max_bytes,
         timeout=tool_settings.fetch_timeout,
-        policy=AddressPolicy.from_allow_list(tool_settings.fetch_allow_hosts),
+        policy=AddressPolicy.from_allow_list(
+            tool_settings.fetch_allow_hosts, tool_settings.deny_hosts
+        ),
     )
 
 
@@ -33,7 +35,8 @@ def default_tools(
     backend without its API key or URL, ``code = "bwrap"`` without bubblewrap)."""
     ts = tool_settings or ToolSettings()
     registry = ToolRegistry(output_max_chars=ts.output_max_chars)
-    registry.register(web_search_tool(create_backend(settings, ts), ts.max_results))
+    backend = create_backend(settings, ts)
+    registry.register(web_search_tool(backend, ts.max_results, deny_hosts=ts.deny_hosts))
     registry.register(web_fetch_tool(Fetcher(fetch_config(ts), resolver)))
     mode = resolve_mode(ts.code)
     if mode is not None:

@@ -9,13 +9,14 @@ cannot work (a missing API key names its variable), so a bad config fails before
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Protocol, cast
 
 from pydantic import Field
 
 from openfusion.settings import Settings
+from openfusion.tools.address_policy import denied_host
 from openfusion.tools.base import Source, Tool, ToolOutput
 from openfusion.tools.settings import MAX_RESULTS_CAP, ToolSettings
 
@@ -61,13 +62,18 @@ MaxResults = Annotated[
 ]
 
 
-def web_search_tool(backend: SearchBackend, default_max_results: int = 5) -> Tool:
-    """The ``web_search`` tool over ``backend``."""
+def web_search_tool(
+    backend: SearchBackend, default_max_results: int = 5, *, deny_hosts: Sequence[str] = ()
+) -> Tool:
+    """The ``web_search`` tool over ``backend``; results from ``deny_hosts`` (and their
+    subdomains) are dropped before the model sees them."""
 
     async def web_search(query: Query, max_results: MaxResults = default_max_results) -> ToolOutput:
         """Search for documents. Returns numbered results, each with its title, URL and a
         snippet; cite a result by its URL, and read a page in full with web_fetch."""
         found = await backend.search(query, max_results)
+        hits = tuple(h for h in found.hits if denied_host(h.url, deny_hosts) is None)
+        found = SearchResults(hits, found.cost)
         if not found.hits:
             text = f"No results for {query!r}. Try other or fewer keywords."
             return ToolOutput(text=text, cost=found.cost)

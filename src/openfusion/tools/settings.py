@@ -10,6 +10,8 @@
     fetch_max_bytes = 2097152
     fetch_timeout = 15.0             # seconds, for web_fetch and the HTTP search backends
     fetch_allow_hosts = []           # hosts, IPs or CIDRs web_fetch may reach although private
+    deny_hosts = []                  # hosts (and their subdomains) no tool may read: web_search
+                                     # drops their results, web_fetch refuses them
     code = "auto"                    # auto (bwrap if installed, else off) | bwrap
                                      # | unsandboxed (weak, opt-in) | off
     code_timeout = 10.0
@@ -51,6 +53,9 @@ class ToolSettings(BaseModel):
     fetch_allow_hosts: tuple[str, ...] = ()
     """Host names, IP addresses or CIDR networks that ``web_fetch`` may reach even though they
     are private, loopback or otherwise refused. Empty: public internet addresses only."""
+    deny_hosts: tuple[str, ...] = ()
+    """Host names that no tool may read, with their subdomains: ``web_search`` drops results
+    from them and ``web_fetch`` refuses them (an eval keeps a benchmark's own hosts out)."""
     code: CodeMode = "auto"
     code_timeout: float = Field(10.0, gt=0)
     code_memory_mb: int = Field(256, ge=32)
@@ -74,6 +79,15 @@ class ToolSettings(BaseModel):
                     ) from None
             cleaned.append(value)
         return tuple(cleaned)
+
+    @field_validator("deny_hosts")
+    @classmethod
+    def _valid_names(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(entry.strip().lower().rstrip(".") for entry in entries)
+        for entry, value in zip(entries, cleaned, strict=True):
+            if not _HOSTNAME.match(value):
+                raise ValueError(f"{entry!r} is not a host name (e.g. 'huggingface.co')")
+        return cleaned
 
 
 def corpus_path(settings: Settings, tool_settings: ToolSettings) -> Path:
