@@ -17,6 +17,7 @@ from typing import Any
 from openfusion.engine.result import MemberResponse
 
 MARKER = re.compile(r"\[(\d{1,3})\]")
+SOURCES_HEADING = "\n\nSources:\n"
 URL = re.compile(r"(?:https?|file)://[^\s<>\"'\]\)]+")
 
 
@@ -79,5 +80,10 @@ def check(
     content = answer
     if cited:
         listing = "\n".join(f"[{s.number}] {s.title} — {s.url}" for s in cited)
-        content = f"{answer}\n\nSources:\n{listing}"
+        content = f"{answer}{SOURCES_HEADING}{listing}"
     return Citations(content, tuple(annotations), tuple(unverified))
+
+
+def without_sources(content: str) -> str:
+    """The answer alone: the appended Sources list and the ``[n]`` markers taken out."""
+    return MARKER.sub("", content.split(SOURCES_HEADING, 1)[0]).strip()

@@ -63,7 +63,7 @@ from openfusion.engine.trace import (
     UseDefault,
 )
 from openfusion.errors import ConfigError, ProviderError
-from openfusion.presets import MAX_TOOL_CALLS, Preset, load_preset
+from openfusion.presets import MAX_TOOL_CALLS, Preset, ToolUse, load_preset
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.settings import Settings, describe_validation_error
@@ -132,10 +132,7 @@ class Fusion:
             return None
         if self._available is None:
             self._available = configured_tools(self.settings)
-        names = [n for n in self._available.names if use.allow is None or n in use.allow]
-        if "web_search" in names and not _corpus_ready(self.settings):
-            names.remove("web_search")  # nothing to search yet: `openfusion index PATH`
-        return _subset(self._available, names)
+        return select_tools(self._available, use, self.settings)
 
     @classmethod
     def from_preset(
@@ -198,6 +195,7 @@ class Fusion:
         max_tool_calls: int | None = None,
         run_id: str | None = None,
         trace: RunTrace | None = None,
+        budget: Budget | None = None,
     ) -> FusionResult:
         """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
         events = self.stream(
@@ -209,6 +207,7 @@ class Fusion:
             max_tool_calls=max_tool_calls,
             run_id=run_id,
             trace=trace,
+            budget=budget,
         )
         async with aclosing(events):  # its cleanup (and the run's record) before we return
             async for event in events:
@@ -227,6 +226,7 @@ class Fusion:
         max_tool_calls: int | None = None,
         run_id: str | None = None,
         trace: RunTrace | None = None,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[FusionEvent, None]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
@@ -234,15 +234,17 @@ class Fusion:
         (for a caller model that writes the answer itself); ``max_cost`` (USD) is a budget: a
         call that could overrun it is not started; ``tools`` names the tools members may use
         (``[]``: none) and ``max_tool_calls`` caps their calls (at most 16); ``run_id`` names the
-        run (default: a new random id). ``trace`` receives everything the run does (see
-        ``engine/trace.py``); without one, the run is recorded by ``recorder``. Closing the
-        iterator early cancels every call still running.
+        run (default: a new random id); ``budget`` is a limit shared with other runs (an eval's
+        ``--max-cost``), used instead of ``max_cost``. ``trace`` receives everything the run
+        does (see ``engine/trace.py``); without one, the run is recorded by ``recorder``.
+        Closing the iterator early cancels every call still running.
         """
         messages = _as_messages(prompt)
         try:
             self.check()
             queue: asyncio.Queue[FusionEvent | None] = asyncio.Queue()
-            budget = Budget(max_cost) if max_cost is not None else None
+            if budget is None and max_cost is not None:
+                budget = Budget(max_cost)
             registry = self.tools if tools is None else _subset(self.tools, tools)
             calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
             tool_use = (registry, min(calls, MAX_TOOL_CALLS))
@@ -592,6 +594,17 @@ def tool_settings(settings: Settings) -> ToolSettings:
 def configured_tools(settings: Settings) -> ToolRegistry:
     """The built-in tools as ``[tools]`` in config.toml sets them up (build once, share)."""
     return default_tools(settings, tool_settings(settings))
+
+
+def select_tools(available: ToolRegistry, use: ToolUse, settings: Settings) -> ToolRegistry | None:
+    """The tools of ``available`` that ``use`` allows: ``web_search`` on the corpus only once
+    ``openfusion index`` has built it. ``None`` when there are none."""
+    if not use.enabled or use.max_tool_calls == 0:
+        return None
+    names = [n for n in available.names if use.allow is None or n in use.allow]
+    if "web_search" in names and not _corpus_ready(settings):
+        names.remove("web_search")  # nothing to search yet: `openfusion index PATH`
+    return _subset(available, names)
 
 
 def _corpus_ready(settings: Settings) -> bool:

@@ -171,12 +171,21 @@ def load_preset(name: str, settings: Settings) -> Preset:
         raise ConfigError(f"preset name {name!r} may only use letters, digits, '.', '_' and '-'")
     user_file = settings.config_dir / "presets" / f"{name}.toml"
     if user_file.exists():
-        return _parse(name, user_file.read_text(encoding="utf-8"), str(user_file), user_file.parent)
+        return load_preset_file(user_file)
     shipped = resources.files(__package__).joinpath(f"{name}.toml")
     if shipped.is_file():
         return _parse(name, shipped.read_text(encoding="utf-8"), f"preset {name!r}", None)
     known = ", ".join(p.name for p in list_presets(settings))
     raise ConfigError(f"unknown preset {name!r}; known presets: {known}, or self:<model>")
+
+
+def load_preset_file(path: Path) -> Preset:
+    """A preset from a file anywhere (named after the file); template paths are relative to it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read preset file {path}: {exc.strerror or exc}") from exc
+    return _parse(path.stem, text, str(path), path.parent)
 
 
 def list_presets(settings: Settings) -> list[Preset]:
