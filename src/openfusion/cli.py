@@ -413,6 +413,145 @@ def index(paths: tuple[Path, ...]) -> None:
     )
 
 
+@main.command("eval")
+@click.option(
+    "--dataset",
+    "-d",
+    "datasets",
+    multiple=True,
+    help="A .jsonl file, draco:PATH, triviaqa, freshqa, reasoning-gym:NAME, writingbench "
+    "(repeat for several).",
+)
+@click.option("--configs", "-c", help="Comma-separated presets, self:<model>, preset files, ids.")
+@click.option("--limit", type=click.IntRange(min=1), help="Items per dataset (the first N).")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    help="USD for the whole run (results already in --output count): stops before more.",
+)
+@click.option("--grader", help="Model id of the rubric grader (fixed for the comparison).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Output dir (resumable).")
+@click.option("--no-tools", is_flag=True, help="No config gets tools (search, fetch, code).")
+@click.option("--list-datasets", is_flag=True, help="List the dataset loaders and exit.")
+def eval_command(
+    datasets: tuple[str, ...],
+    configs: str | None,
+    limit: int | None,
+    concurrency: int,
+    max_cost: float | None,
+    grader: str | None,
+    output: Path | None,
+    no_tools: bool,
+    list_datasets: bool,
+) -> None:
+    """Run datasets on fused and single configs; report score, cost and latency side by side.
+
+    Writes results.jsonl/.csv, summary.md/.csv, PNG plots and report.html to --output. Rerun
+    the same command to continue an interrupted run.
+    """
+    try:
+        from openfusion import evals
+    except ImportError as exc:
+        raise click.ClickException(
+            f"openfusion eval needs the [eval] extra ({exc.name} is missing): "
+            "pip install 'openfusion[eval]'"
+        ) from exc
+    if list_datasets:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("dataset", "what"):
+            table.add_column(column)
+        for loader in evals.LOADERS.values():
+            table.add_row(loader.usage, loader.description)
+        table.add_row("FILE.jsonl", "your items: {id, prompt, answer|aliases|choices|rubric}")
+        Console(highlight=False).print(table)
+        return
+    if not datasets or not configs:
+        raise click.UsageError("give --dataset and --configs (or --list-datasets)")
+    try:
+        settings = Settings.load()
+        loaded = [evals.load_dataset(spec, limit) for spec in datasets]
+        plan = evals.EvalPlan(
+            datasets=loaded,
+            configs=evals.parse_configs(configs, settings),
+            output=output or Path("eval-" + "-".join(_slug(d.name) for d in loaded)),
+            grader_model=grader,
+            concurrency=concurrency,
+            max_cost=max_cost,
+            tools=not no_tools,
+        )
+        runner = evals.EvalRunner(plan, settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    err = Console(stderr=True, highlight=False)
+    total = sum(len(d.items) for d in loaded) * len(plan.configs)
+    err.print(
+        f"[bold]eval[/] {', '.join(d.name for d in loaded)} · {total} answers · "
+        f"configs {', '.join(c.name for c in plan.configs)} → {plan.output}"
+    )
+    outcome = None
+    try:
+        outcome = asyncio.run(_run_eval(runner, total, err))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished items are kept; rerun the command to go on")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    records = list(runner.store.load().values())
+    if not records:
+        raise click.ClickException("no results yet: nothing to report")
+    meta: dict[str, object] = {
+        "datasets": [d.name for d in loaded],
+        "configs": [c.name for c in plan.configs],
+        "grader_model": grader,
+        "tools": plan.tools,
+        "max_cost": max_cost,
+        "spent": outcome.spent if outcome else None,
+        "not_run": outcome.not_run if outcome else 0,
+    }
+    report = evals.write_report(plan.output, records, [c.name for c in plan.configs], meta)
+    click.echo(report.markdown)
+    if outcome and outcome.stopped_by_budget:
+        err.print(
+            f"[yellow]--max-cost reached[/]: {outcome.not_run} answer(s) not run; "
+            "rerun with a higher --max-cost to finish"
+        )
+    err.print(f"[dim]report: {plan.output / 'report.html'}[/]")
+    if outcome is None:
+        sys.exit(130)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
+
+
+async def _run_eval(runner: Any, total: int, err: Console) -> Any:
+    """Run with a progress bar: answers done, running mean score per config, spend."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    scores: dict[str, list[float]] = {}
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err,
+        transient=False,
+    )
+    done_before = sum(r.score is not None for r in runner.store.load().values())
+    task = progress.add_task("answers", total=total, completed=done_before, status="")
+
+    def on_record(record: Any, spent: float) -> None:
+        if record.score is not None:
+            scores.setdefault(record.config, []).append(record.score)
+        means = " · ".join(f"{c} {sum(v) / len(v):.1f}" for c, v in scores.items())
+        progress.update(task, advance=1, status=f"{means} · spent ${spent:.4f}")
+        if not err.is_terminal:
+            err.print(f"{record.config} {record.item_id}: {record.score} ({record.status})")
+
+    with progress:
+        return await runner.run(on_record)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))

@@ -7,6 +7,9 @@ Templates and the variables they receive:
 - ``synthesis``: ``question``, ``responses``, ``analysis`` (dict or None), ``analysis_json``
 - ``local_fewshot``: ``messages`` (list of ``{role, content}``): the local base model's view
   of a chat
+- ``eval_question``: ``prompt``, ``choices`` (list of ``{letter, text}``): an eval item as asked
+- ``eval_rubric``: ``question``, ``answer``, ``criteria`` (list of ``{id, text}``): the rubric
+  grader's prompt
 
 A template is looked up in this order: the preset's own override (a file path), the user's
 prompt dir (settings ``prompts_dir``, then ``<config dir>/prompts``), the shipped file.
@@ -22,7 +25,14 @@ import jinja2
 
 from openfusion.errors import ConfigError
 
-TEMPLATE_NAMES = ("panel_system", "judge_analysis", "synthesis", "local_fewshot")
+TEMPLATE_NAMES = (
+    "panel_system",
+    "judge_analysis",
+    "synthesis",
+    "local_fewshot",
+    "eval_question",
+    "eval_rubric",
+)
 
 
 class PromptSet:
