@@ -197,3 +197,21 @@ async def test_a_draco_run_keeps_its_hosts_out_of_the_tools(
         ):
             result = await tools.call("web_fetch", json.dumps({"url": url}))
             assert result.error is not None and "deny_hosts" in result.error
+
+
+def test_configs_are_presets_preset_files_or_model_ids(settings: Settings, tmp_path: Path) -> None:
+    from openfusion.evals import parse_configs
+
+    panel = tmp_path / "duo.toml"
+    panel.write_text('judge = "s/judge"\npanel = [{ model = "s/a" }, { model = "s/b" }]\n')
+    configs = parse_configs(f"local, self:local/gemma-3-270m,{panel},openrouter/x/y", settings)
+    assert [(c.name, c.kind) for c in configs] == [
+        ("local", "fused"),
+        ("self:local/gemma-3-270m", "fused"),
+        (str(panel), "fused"),
+        ("openrouter/x/y", "single"),
+    ]
+    assert configs[2].preset is not None and configs[2].preset.judge == "s/judge"
+    assert configs[0].fingerprint != configs[1].fingerprint
+    with pytest.raises(ConfigError, match="names a config twice"):
+        parse_configs("local,local", settings)

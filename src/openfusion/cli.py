@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console, Group, RenderableType
@@ -37,6 +37,9 @@ from openfusion.presets import Preset, list_presets, load_preset
 from openfusion.settings import Settings
 from openfusion.store.recorder import StoreRecorder
 from openfusion.types import Usage
+
+if TYPE_CHECKING:
+    from openfusion.evals import EvalRunner, Outcome, Record
 
 STYLE = {"waiting": "dim", "running": "yellow", "done": "green", "failed": "red"}
 
@@ -524,7 +527,7 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
 
 
-async def _run_eval(runner: Any, total: int, err: Console) -> Any:
+async def _run_eval(runner: EvalRunner, total: int, err: Console) -> Outcome:
     """Run with a progress bar: answers done, running mean score per config, spend."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -540,7 +543,7 @@ async def _run_eval(runner: Any, total: int, err: Console) -> Any:
     done_before = sum(r.score is not None for r in runner.store.load().values())
     task = progress.add_task("answers", total=total, completed=done_before, status="")
 
-    def on_record(record: Any, spent: float) -> None:
+    def on_record(record: Record, spent: float) -> None:
         if record.score is not None:
             scores.setdefault(record.config, []).append(record.score)
         means = " · ".join(f"{c} {sum(v) / len(v):.1f}" for c, v in scores.items())

@@ -136,6 +136,7 @@ def latency_png(table: Table, records: Sequence[Record]) -> bytes:
         for name in names
     ]
     ax.boxplot(data, orientation="horizontal", tick_labels=names, showfliers=True)
+    ax.invert_yaxis()  # the first config on top, as in the table
     ax.set_xlabel("seconds per answer")
     ax.set_title(f"{table.dataset} · latency", fontsize=9)
     figure.tight_layout()
