@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from openfusion.engine.budget import Budget
+from openfusion.engine.budget import Budget, BudgetExceeded
 from openfusion.engine.fusion import Fusion, select_tools
 from openfusion.engine.member import answer_with_tools
 from openfusion.engine.policy import Caller
@@ -128,9 +128,8 @@ class Answerer:
         failures = [f"{f.name}: {f.reason} ({f.message})" for f in result.failed_models]
         if result.failure_reason:
             failures.append(f"{result.failure_reason}: {result.failure_message or ''}".strip())
-        cut = any(f.reason == "budget" for f in result.failed_models) or bool(
-            result.budget and result.budget.get("refused")
-        )
+        judge_refused = (result.failure_message or "").startswith(f"{BudgetExceeded.reason}:")
+        cut = judge_refused or any(f.reason == BudgetExceeded.reason for f in result.failed_models)
         return Answer(
             result.content,
             result.status,
@@ -166,6 +165,6 @@ class Answerer:
             return Answer("", "error", run_id, answer.usage, latency, ("empty_completion",))
         if error is not None:
             failure = f"{self.config.model}: {error.reason} ({error.message})"
-            cut = error.reason == "budget"
+            cut = error.reason == BudgetExceeded.reason
             return Answer("", "error", run_id, answer.usage, latency, (failure,), cut)
         return Answer(answer.content.strip(), "ok", run_id, answer.usage, latency)
