@@ -103,7 +103,13 @@ def score_cost_png(table: Table) -> bytes:
             markersize=8 if front else 6,
             capsize=3,
         )
-        ax.annotate(row.config, (row.cost, row.score), textcoords="offset points", xytext=(6, 6))
+    labels: dict[tuple[float, float], list[str]] = {}
+    for row in known:  # configs on the same point share one label instead of overprinting
+        assert row.cost is not None and row.score is not None
+        labels.setdefault((row.cost, row.score), []).append(row.config)
+    for (cost, score), names in labels.items():
+        text = "\n".join(names)
+        ax.annotate(text, (cost, score), textcoords="offset points", xytext=(6, 6), fontsize=8)
     line = sorted(
         (r.cost, r.score)
         for r in known
