@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvicorn
 from helpers import ANALYSIS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -255,6 +256,19 @@ async def _serve(server: uvicorn.Server, sock: socket.socket, running: RunningSe
     running.loop = asyncio.get_running_loop()
     running.serve_task = asyncio.current_task()
     await server.serve(sockets=[sock])
+
+
+async def post(
+    server: RunningServer, path: str, body: dict[str, Any]
+) -> tuple[int, str, dict[str, str]]:
+    """POST ``body`` as JSON to ``server.base_url + path``: the status, the body's text and the
+    headers (names lower-cased)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.base_url + path, json=body) as resp,
+    ):
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        return resp.status, await resp.text(), headers
 
 
 def sse_events(text: str) -> list[str]:

@@ -23,6 +23,7 @@ from openfusion import (
     StageEvent,
 )
 from openfusion.engine import DEPTH_HEADER
+from openfusion.providers.base import HONOURS_ALL
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.types import Chunk, Completion, CompletionRequest, Usage
 
@@ -186,6 +187,39 @@ async def test_judge_wrong_schema_is_a_schema_mismatch(settings: Settings) -> No
     assert result.content == FINAL
 
 
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"confidence": "high"}, "confidence"),  # a sixth key is not dropped: it is an error
+        ({"unique_insights": [{"model": "Response Z", "insight": "x"}]}, "'Response Z'"),
+        ({"unique_insights": [{"model": "GPT-5", "insight": "x"}]}, "not a panel label"),
+    ],
+)
+async def test_an_analysis_beyond_the_contract_is_a_schema_mismatch(
+    settings: Settings, change: dict[str, Any], fragment: str
+) -> None:
+    analysis = json.dumps({**ANALYSIS, **change})
+    fusion, _ = fusion_for(settings, {**panel_script(), "judge": judge_steps(analysis=analysis)})
+    result = await fusion.run("q")
+    assert (result.status, result.failure_reason) == ("ok", "judge_schema_mismatch")
+    assert fragment in (result.failure_message or "")
+    assert result.analysis is None
+    assert result.content == FINAL
+
+
+async def test_the_analysis_has_exactly_the_five_keys(settings: Settings) -> None:
+    fusion, _ = fusion_for(settings, {**panel_script(), "judge": judge_steps()})
+    result = await fusion.run("q")
+    assert result.analysis is not None
+    assert list(result.analysis) == [
+        "consensus",
+        "contradictions",
+        "partial_coverage",
+        "unique_insights",
+        "blind_spots",
+    ]
+
+
 async def test_judge_empty_analysis(settings: Settings) -> None:
     fusion, _ = fusion_for(settings, {**panel_script(), "judge": judge_steps(analysis="  ")})
     result = await fusion.run("q")
@@ -333,6 +367,7 @@ class Hanging:
     """A provider whose calls never end; records whether they were cancelled."""
 
     supports_json_schema = True
+    honours = HONOURS_ALL
 
     def __init__(self) -> None:
         self.started = 0

@@ -145,7 +145,7 @@ async def test_citations_are_checked_against_retrieved_sources(settings: Setting
     assert {"where": "answer", "citation": "[3]"} in result.unverified_citations
     assert {"where": "s/a", "citation": "https://made.up/x"} in result.unverified_citations
     assert result.analysis is not None
-    assert result.analysis["unverified_citations"] == list(result.unverified_citations)
+    assert set(result.analysis) == set(json.loads(ANALYSIS))  # unverified: beside it
 
 
 async def test_streamed_answer_includes_the_sources_list(settings: Settings) -> None:
@@ -194,3 +194,36 @@ async def test_a_member_failing_after_a_search_still_counts_its_spend(settings: 
     assert (failure.name, failure.message) == ("s/a", "nope")
     assert failure.usage.cost == pytest.approx(0.001 + 0.01)  # the first turn and its search
     assert result.cost_details["panel"] == pytest.approx(0.001 + 0.01 + 0.002)
+
+
+async def test_the_judge_checks_claims_with_the_tools_when_the_preset_allows(
+    settings: Settings,
+) -> None:
+    queries: list[str] = []
+
+    def judge(request: Any) -> Step:
+        if request.json_schema is None:
+            return Step("Jane Austen [1].")
+        if request.messages[-1].role == "tool":  # it checked: now the analysis
+            return Step(ANALYSIS)
+        return Step("", tool_calls=(search_call("who wrote it, checked"),))
+
+    script = {"a": Step("Austen."), "judge": judge}
+    use = ToolUse(judge=True)
+    fusion, provider = make(settings, script, lookup_registry(queries), use)
+    events = [e async for e in fusion.stream("Who wrote Pride and Prejudice?")]
+    result = events[-1].result  # type: ignore[union-attr]
+    assert queries == ["who wrote it, checked"]
+    assert result.analysis is not None and result.failure_reason is None
+    # What the judge retrieved is a source like the panel's, and citable.
+    assert result.sources == ({"number": 1, "title": "Austen biography", "url": DOC},)
+    assert result.content.startswith("Jane Austen [1].")
+    assert [(e.name, e.tool) for e in events if isinstance(e, ToolEvent)] == [("judge", "lookup")]
+    first = next(c for c in provider.calls if c.model == "judge")
+    assert [t.name for t in first.tools] == ["lookup"]
+    assert "lookup" in first.messages[0].content  # the prompt tells it so
+    assert all(c.temperature == 0.0 for c in provider.calls if c.json_schema is not None)
+
+    plain, provider = make(settings, script, lookup_registry([]), ToolUse(judge=False))
+    await plain.run("q")
+    assert all(c.tools == () for c in provider.calls if c.model == "judge")

@@ -6,7 +6,8 @@ For every case: the run ends with the documented ``status`` / ``failure_reason``
 that survived are the ones used; ``failed_models`` keeps the reason, status, tries and the
 upstream's own words; no asyncio task and no upstream connection is left once the fusion is
 closed; and the cost is exact: in integer nano-USD, ``usage.cost`` (and the sum of
-``cost_details``) is the sum of the costs of the completions the upstream served in full.
+``cost_details``) is the sum of the costs of the completions the upstream served in full, plus,
+for a stream cut after its text went out, that text's cost estimated at the judge's price.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def write_setup(
     (config_dir() / "presets" / "faults.toml").write_text(
         f'judge = "mock/judge"\npanel = [{panel}]\n{policy}\n'
     )
+    (config_dir() / "prices.toml").write_text(JUDGE_PRICE)
+
+
+JUDGE_PRICE = '["mock/judge"]\nprompt = 1.0\ncompletion = 2.0\n'
+"""USD per million tokens: what a cut synthesis stream is estimated at (the rest report cost)."""
 
 
 Script = Reply | tuple[Reply, ...]
@@ -111,9 +117,21 @@ async def assert_nothing_left(up: MockUpstream, before: set[asyncio.Task[Any]]) 
     assert new_tasks(before) == []
 
 
-def assert_exact_cost(result: FusionResult, up: MockUpstream) -> None:
-    """The run's cost is the sum of what the upstream billed, to the nano-dollar."""
-    billed = sum(nano(s.cost) for s in up.served)
+def estimate(case: Case | None, result: FusionResult) -> int:
+    """The estimated cost of a cut synthesis stream (0 when nothing was cut), checked."""
+    if case is None or not case.estimated:
+        assert not result.usage.estimated
+        return 0
+    assert result.usage.estimated
+    charged = nano(result.cost_details["synthesis"])
+    assert charged > 0  # what was sent is charged, not 0
+    return charged
+
+
+def assert_exact_cost(result: FusionResult, up: MockUpstream, case: Case | None = None) -> None:
+    """The run's cost is the sum of what the upstream billed, to the nano-dollar (and the
+    estimate of a cut stream)."""
+    billed = sum(nano(s.cost) for s in up.served) + estimate(case, result)
     assert nano(result.usage.cost) == billed
     assert sum(nano(c) for c in result.cost_details.values()) == billed
     for response in result.responses:
@@ -158,6 +176,8 @@ class Case:
     disconnects: int = 0
     retry_gap: float | None = None
     """The member's second try came at least this many seconds after its first."""
+    estimated: bool = False
+    """The synthesis stream was cut after text went out: charged at an estimate."""
 
     def billed_models(self) -> list[str]:
         judge = ("judge", "judge") if self.used else ()
@@ -234,6 +254,7 @@ CASES = [
         failure_message="stream ended early",
         content=FUSED[:12],  # what had been sent stays: "Jane Austen "
         billed=("a", "b", "c", "judge"),
+        estimated=True,
     ),
     Case(
         "synthesis_connection_dropped",
@@ -242,6 +263,7 @@ CASES = [
         failure_message="connection_error",
         content=FUSED[:12],  # no retry once text went out
         billed=("a", "b", "c", "judge"),
+        estimated=True,
     ),
     Case(
         "synthesis_500",
@@ -338,7 +360,7 @@ async def test_fault(up: MockUpstream, case: Case) -> None:
     calls = {"a": 1, "b": 1, "c": 1, "judge": 2, **case.calls}
     assert {m: len(up.requests_for(m)) for m in calls} == calls
     assert sorted(s.model for s in up.served) == case.billed_models()
-    assert_exact_cost(result, up)
+    assert_exact_cost(result, up, case)
     assert up.disconnects == case.disconnects
     assert elapsed < 5.0, f"took {elapsed:.2f}s"  # the 30 s hang did not hold the run
     if case.retry_gap is not None:
@@ -450,13 +472,17 @@ async def test_fault_through_the_server_is_in_the_ledger(up: MockUpstream, case:
         rows = await ledger.rows(generation_id)
     assert sorted(s.model for s in up.served) == case.billed_models()
     billed = sum(nano(s.cost) for s in up.served)
+    assert data["usage"]["estimated"] is case.estimated
+    if case.estimated:  # the cut synthesis: charged for what it sent, estimated
+        billed += nano(data["usage"]["cost_details"]["synthesis"])
     assert sum(r.cost_nano or 0 for r in rows) == nano(data["usage"]["cost"]) == billed
     assert not any(r.unpriced for r in rows)
-    # One row per call the upstream billed (an empty answer too; a cut stream is not billed).
+    # One row per call the upstream billed (an empty answer too; a cut stream, at its estimate).
     judge_stage = {False: "analysis", True: "synthesis"}
     billed_calls = [
-        (judge_stage[s.stream] if s.model == "judge" else "panel", s) for s in up.served
+        (judge_stage[s.stream] if s.model == "judge" else "panel", f"mock/{s.model}")
+        for s in up.served
     ]
-    assert sorted((r.stage, r.model) for r in rows) == sorted(
-        (stage, f"mock/{s.model}") for stage, s in billed_calls
-    )
+    if case.estimated:
+        billed_calls.append(("synthesis", "mock/judge"))
+    assert sorted((r.stage, r.model) for r in rows) == sorted(billed_calls)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import eventually
 
 from openfusion import (
     CompletionRequest,
@@ -25,6 +26,7 @@ from openfusion.cost import Price, PriceCatalog
 from openfusion.engine.budget import Budget, BudgetExceeded
 from openfusion.engine.policy import Caller, CircuitBreaker, CircuitOpenError, RetryPolicy
 from openfusion.presets import PanelPolicy
+from openfusion.providers.base import HONOURS_ALL
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.types import Chunk, Completion, Usage
 
@@ -184,6 +186,62 @@ async def test_open_circuit_skips_to_the_fallback_without_calling(settings: Sett
     assert [c.model for c in provider.calls] == ["alive"]
 
 
+def opened(now: list[float]) -> CircuitBreaker:
+    """A breaker on a clock the test turns: one failure opens it for 10 seconds."""
+    return CircuitBreaker(threshold=1, cooldown=10, clock=lambda: now[0])
+
+
+async def test_a_cancelled_half_open_probe_does_not_lock_the_model_out(
+    settings: Settings,
+) -> None:
+    now = [0.0]
+    breaker = opened(now)
+    script = {"m": [Step(status=503, error="down"), Step("late", delay=60), Step("back")]}
+    caller, provider, _ = caller_for(script, settings, attempts=1, breaker=breaker)
+    with pytest.raises(ProviderError, match="down"):
+        await caller.complete(["s/m"], REQUEST)
+    assert breaker.state("s/m") == "open"
+    now[0] = 10.0
+    probe = asyncio.create_task(caller.complete(["s/m"], REQUEST))
+    await eventually(lambda: len(provider.calls) == 2, "the probe went out (and hangs)")
+    probe.cancel()  # a straggler deadline, a client gone
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    call = await caller.complete(["s/m"], REQUEST)  # probes again, instead of being refused
+    assert call.completion.content == "back"
+    assert breaker.state("s/m") == "closed"
+
+
+async def test_a_probe_refused_by_the_budget_is_released(settings: Settings) -> None:
+    now = [0.0]
+    breaker = opened(now)
+    script = {"m": [Step(status=503, error="down"), Step("back")]}
+    prices = {"s/m": Price(prompt=0.001, completion=0.001)}
+    caller, provider, _ = caller_for(script, settings, attempts=1, breaker=breaker, prices=prices)
+    with pytest.raises(ProviderError):
+        await caller.complete(["s/m"], REQUEST)
+    now[0] = 10.0
+    with pytest.raises(BudgetExceeded):
+        await caller.complete(["s/m"], REQUEST, Budget(limit=0.000001))
+    assert len(provider.calls) == 1  # the refused probe never went out
+    call = await caller.complete(["s/m"], REQUEST)
+    assert call.completion.content == "back"
+
+
+async def test_a_probe_failing_with_a_client_error_is_released(settings: Settings) -> None:
+    now = [0.0]
+    breaker = opened(now)
+    script = {"m": [Step(status=503), Step(status=400, error="bad request"), Step("back")]}
+    caller, _, _ = caller_for(script, settings, attempts=1, breaker=breaker)
+    with pytest.raises(ProviderError):
+        await caller.complete(["s/m"], REQUEST)
+    now[0] = 10.0
+    with pytest.raises(ProviderError, match="bad request"):  # says nothing of the model's health
+        await caller.complete(["s/m"], REQUEST)
+    assert breaker.state("s/m") == "half-open"
+    assert (await caller.complete(["s/m"], REQUEST)).completion.content == "back"
+
+
 # -- prices --------------------------------------------------------------------------------------
 
 
@@ -292,6 +350,7 @@ class Slow:
     """Answers after a per-model delay; records cancellations (a closed upstream call)."""
 
     supports_json_schema = True
+    honours = HONOURS_ALL
 
     def __init__(self, delays: dict[str, float]) -> None:
         self.delays = delays

@@ -12,10 +12,12 @@ from openfusion import (
     Fusion,
     MissingAPIKeyError,
     ProviderRegistry,
+    Reasoning,
     Settings,
     list_presets,
     load_preset,
 )
+from openfusion.cost import PriceCatalog
 from openfusion.providers.scripted import ScriptedProvider, Step
 
 ANALYSIS = json.dumps(
@@ -42,7 +44,7 @@ def test_shipped_presets(settings: Settings) -> None:
     assert local.judge == "local/gemma-3-270m"
     budget = load_preset("budget", settings)
     assert [s.model for s in budget.panel] == [
-        "openrouter/google/gemini-3-flash",
+        "openrouter/google/gemini-3-flash-preview",
         "openrouter/moonshotai/kimi-k2.6",
         "openrouter/deepseek/deepseek-v4-pro",
     ]
@@ -90,7 +92,7 @@ def test_bad_preset_names_the_field(settings: Settings, text: str, message: str)
 
 
 def test_unknown_and_unsafe_preset_names(settings: Settings) -> None:
-    with pytest.raises(ConfigError, match="known presets: budget, local, quality"):
+    with pytest.raises(ConfigError, match="known presets: budget, fast, local, quality"):
         load_preset("nope", settings)
     with pytest.raises(ConfigError, match="may only use"):
         load_preset("../../etc/passwd", settings)
@@ -150,3 +152,36 @@ def test_unknown_template_variable_is_a_config_error(settings: Settings) -> None
         PromptSet(overrides={"synthesis": path}).render("synthesis", question="q")
     with pytest.raises(ConfigError, match="unknown prompt template"):
         PromptSet(overrides={"sinthesis": path})
+
+
+def test_the_price_snapshot_covers_every_shipped_preset(settings: Settings) -> None:
+    catalog = PriceCatalog.load(settings.config_dir, settings.cache_dir)
+    for preset in list_presets(settings):
+        models = {preset.judge, *preset.judge_fallbacks}
+        models |= {m for slot in preset.panel for m in slot.models}
+        for model in models:
+            assert catalog.price(model) is not None, f"{preset.name}: {model} has no price"
+
+
+def test_the_fast_preset(settings: Settings) -> None:
+    fast = load_preset("fast", settings)
+    assert len(fast.panel) == 3 and fast.judge.startswith("openrouter/")
+    assert fast.reasoning == Reasoning("low")
+    assert fast.limits.max_completion_tokens == 4096
+    assert fast.tools.judge and fast.tools.max_tool_calls == 4
+
+
+def test_reasoning_and_max_completion_tokens_in_a_preset_file(settings: Settings) -> None:
+    path = settings.config_dir / "presets" / "thinking.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        'judge = "s/j"\npanel = [{ model = "s/a" }]\n'
+        '[reasoning]\neffort = "high"\nmax_tokens = 2000\n'
+        "[limits]\nmax_completion_tokens = 8000\n"
+    )
+    preset = load_preset("thinking", settings)
+    assert preset.reasoning == Reasoning("high", 2000)
+    assert preset.limits.max_completion_tokens == 8000
+    path.write_text('judge = "s/j"\npanel = [{ model = "s/a" }]\n[reasoning]\neffort = "max"\n')
+    with pytest.raises(ConfigError, match=r"reasoning\.effort"):
+        load_preset("thinking", settings)

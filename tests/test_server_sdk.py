@@ -23,6 +23,7 @@ from server_fixtures import (
     TOTAL_COST,
     Demo,
     RunningServer,
+    post,
     setup_demo,
     sse_data,
     sse_events,
@@ -54,11 +55,8 @@ def extra(model: Any) -> dict[str, Any]:
 
 
 async def raw_post(server: RunningServer, body: dict[str, Any]) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(server.base_url + "/chat/completions", json=body) as resp,
-    ):
-        return resp.status, await resp.text()
+    status, text, _ = await post(server, "/chat/completions", body)
+    return status, text
 
 
 # --- fusion models --------------------------------------------------------------------------
@@ -240,7 +238,9 @@ async def test_request_errors_are_statuses_even_for_streams(
     stream: bool,
 ) -> None:
     demo = setup_demo()
-    write_preset("keyless", "openrouter/openai/gpt-5.5", ["openrouter/google/gemini-3-flash"])
+    write_preset(
+        "keyless", "openrouter/openai/gpt-5.5", ["openrouter/google/gemini-3-flash-preview"]
+    )
     server = serve(demo.settings, demo.registry)
     async with sdk(server) as client:
         with pytest.raises(error) as caught:

@@ -59,6 +59,9 @@ class Reply:
     """Drop the connection: before any response, or after ``cut_after`` chunks when streaming."""
     headers: dict[str, str] = field(default_factory=dict)
     """Extra response headers, e.g. ``{"Retry-After": "1"}``."""
+    tool_calls: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(id, name, arguments)`` of calls the model makes; streamed, each call's arguments
+    arrive in pieces of ``chunk_size`` characters, as OpenAI streams them."""
 
 
 ReplySource = Reply | Callable[[Any], Reply]
@@ -194,7 +197,11 @@ class MockUpstream:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": reply.content},
+                    "message": {
+                        "role": "assistant",
+                        "content": reply.content,
+                        **_tool_calls(reply),
+                    },
                     "finish_reason": reply.finish_reason,
                 }
             ],
@@ -231,6 +238,12 @@ class MockUpstream:
             await event({"delta": {"content": piece}, "finish_reason": None})
             if reply.chunk_delay:
                 await asyncio.sleep(reply.chunk_delay)
+        for index, (call_id, name, arguments) in enumerate(reply.tool_calls):
+            head = {"index": index, "id": call_id, "type": "function", "function": {"name": name}}
+            await event({"delta": {"tool_calls": [head]}, "finish_reason": None})
+            for i in range(0, len(arguments), size):
+                piece = {"index": index, "function": {"arguments": arguments[i : i + size]}}
+                await event({"delta": {"tool_calls": [piece]}, "finish_reason": None})
         await event({"delta": {}, "finish_reason": reply.finish_reason})
         if (usage := self.usage_dict(reply)) is not None:
             await event(None, usage=usage)
@@ -239,6 +252,16 @@ class MockUpstream:
         if reply.status == 200 and self.record:
             self.served.append(Served(model, reply.cost, stream=True))
         return resp
+
+
+def _tool_calls(reply: Reply) -> dict[str, Any]:
+    if not reply.tool_calls:
+        return {}
+    calls = [
+        {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+        for i, n, a in reply.tool_calls
+    ]
+    return {"tool_calls": calls}
 
 
 def _drop(request: web.Request) -> NoReturn:

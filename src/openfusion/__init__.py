@@ -9,12 +9,15 @@ from openfusion.engine import (
     AnswerDelta,
     Done,
     Fusion,
+    FusionCallEvent,
     FusionEvent,
     FusionResult,
     MemberEvent,
     MemberFailure,
     MemberResponse,
+    RunOptions,
     StageEvent,
+    ToolEvent,
 )
 from openfusion.errors import (
     ConfigError,
@@ -28,7 +31,15 @@ from openfusion.errors import (
 from openfusion.presets import PanelSlot, Preset, list_presets, load_preset
 from openfusion.providers import ModelRef, Provider, ProviderRegistry
 from openfusion.settings import Settings
-from openfusion.types import Chunk, Completion, CompletionRequest, Message, Usage
+from openfusion.types import (
+    Chunk,
+    Completion,
+    CompletionRequest,
+    Message,
+    Reasoning,
+    ToolSpec,
+    Usage,
+)
 
 __version__ = "0.1.0"
 
@@ -40,6 +51,7 @@ __all__ = [
     "ConfigError",
     "Done",
     "Fusion",
+    "FusionCallEvent",
     "FusionEvent",
     "FusionResult",
     "InvalidResponseError",
@@ -55,8 +67,12 @@ __all__ = [
     "Provider",
     "ProviderError",
     "ProviderRegistry",
+    "Reasoning",
+    "RunOptions",
     "Settings",
     "StageEvent",
+    "ToolEvent",
+    "ToolSpec",
     "UpstreamError",
     "UpstreamTimeout",
     "Usage",

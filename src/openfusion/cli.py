@@ -32,6 +32,7 @@ from openfusion.engine import (
     StageEvent,
     ToolEvent,
 )
+from openfusion.engine.run import JUDGE_INDEX
 from openfusion.errors import ConfigError, OpenFusionError
 from openfusion.presets import Preset, list_presets, load_preset
 from openfusion.settings import Settings
@@ -81,16 +82,22 @@ class LiveView:
     """The state of a run as the terminal shows it; rebuilt on each refresh."""
 
     rows: dict[str, _Row] = field(default_factory=dict)
+    turns: int = 0
+    """Calls of the caller model so far (the caller tier), one row each."""
 
     def update(self, event: FusionEvent) -> _Row | None:
         if isinstance(event, ToolEvent):
-            row = self.rows.setdefault(f"panel{event.index}", _Row(event.name))
+            key = "analysis" if event.index == JUDGE_INDEX else f"panel{event.index}"
+            row = self.rows.setdefault(key, _Row(event.name))
             row.tools.append(
                 f"{event.tool}({_short(event.arguments)})" + ("" if event.ok else " ✗")
             )
             return None
         if isinstance(event, MemberEvent):
             key, label = f"panel{event.index}", event.name
+        elif isinstance(event, StageEvent) and event.stage == "caller":
+            self.turns += event.state == "running"
+            key, label = f"caller{self.turns}", f"caller · {event.model or 'turn'}"
         elif isinstance(event, StageEvent) and event.stage == "synthesis":
             key, label = event.stage, "judge · answer (below)"
         elif isinstance(event, StageEvent):
@@ -150,6 +157,14 @@ def main() -> None:
     default=None,
     help="Record the run in the store (default: [store] record, on unless OPENFUSION_RECORD=0).",
 )
+@click.option(
+    "--caller",
+    metavar="MODEL[,FALLBACK...]",
+    help="Let MODEL decide whether to fuse (the caller tier): it gets the panel as a tool.",
+)
+@click.option(
+    "--force-fusion", is_flag=True, help="With --caller: the caller must invoke the fusion."
+)
 def ask(
     question: str,
     preset: str | None,
@@ -160,12 +175,19 @@ def ask(
     show_analysis: bool,
     max_cost: float | None,
     record: bool | None,
+    caller: str | None,
+    force_fusion: bool,
 ) -> None:
     """Answer QUESTION with a fusion ('-' reads it from stdin)."""
     if question == "-":
         question = sys.stdin.read()
     if not question.strip():
         raise click.UsageError("the question is empty")
+    callers = [m.strip() for m in (caller or "").split(",") if m.strip()]
+    if caller is not None and not callers:
+        raise click.UsageError("--caller needs a model id, e.g. --caller openai/gpt-5.5")
+    if force_fusion and not callers:
+        raise click.UsageError("--force-fusion goes with --caller MODEL")
     try:
         settings = Settings.load()
         if record is not None:
@@ -173,8 +195,9 @@ def ask(
                 settings, store=settings.store.model_copy(update={"record": record})
             )
         chosen = _preset(settings, preset, panel, judge)
+        choice = "fusion" if force_fusion else None
         result = asyncio.run(
-            _ask(chosen, settings, question, temperature, max_cost, stream=not as_json)
+            _ask(chosen, settings, question, temperature, max_cost, (callers, choice), not as_json)
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -206,31 +229,47 @@ async def _ask(
     question: str,
     temperature: float | None,
     max_cost: float | None,
-    *,
+    caller: tuple[list[str], str | None],
     stream: bool,
 ) -> FusionResult:
+    """The run, shown as it goes; ``caller``: the caller tier's models and tool choice."""
+    callers, choice = caller
     err = Console(stderr=True, highlight=False)
     view = LiveView()
-    err.print(f"[bold]{escape(preset.name)}[/] · {len(preset.panel)} panel · judge {preset.judge}")
+    heading = f"[bold]{escape(preset.name)}[/] · {len(preset.panel)} panel · judge {preset.judge}"
+    if callers:
+        heading += f" · caller {escape(callers[0])}"
+    err.print(heading)
     result: FusionResult | None = None
     recorder = StoreRecorder.for_settings(settings, source="cli") if settings.store.record else None
     try:
         async with Fusion(preset, settings=settings, recorder=recorder) as fusion:
-            events = fusion.stream(question, temperature=temperature, max_cost=max_cost)
+            if callers:
+                events = fusion.call_stream(
+                    callers,
+                    question,
+                    tool_choice=choice,
+                    temperature=temperature,
+                    max_cost=max_cost,
+                )
+            else:
+                events = fusion.stream(question, temperature=temperature, max_cost=max_cost)
             with (
                 Live(view, console=err, refresh_per_second=8, transient=False)
                 if err.is_terminal
                 else _Quiet() as live
             ):
+                answering = False
                 async for event in events:
                     row = view.update(event)
-                    if not err.is_terminal:
+                    answering = answering or isinstance(event, AnswerDelta)
+                    if not err.is_terminal and not answering:  # no line inside the answer
                         _log(err, event, row)
-                    if (
+                    if answering or (
                         isinstance(event, StageEvent)
                         and event.stage == "synthesis"
                         and event.state == "running"
-                    ):
+                    ):  # the answer streams to stdout below the table
                         live.stop()
                     if isinstance(event, AnswerDelta) and stream:
                         sys.stdout.write(event.text)
@@ -275,7 +314,7 @@ def _summary(err: Console, result: FusionResult, *, recorded: bool) -> None:
     answered = len(result.responses)
     total = answered + len(result.failed_models)
     parts = [
-        f"{answered}/{total} panel answered",
+        f"{answered}/{total} panel answered" if result.fused else "the caller did not fuse",
         "analysis ok" if result.analysis else "no analysis",
         f"{result.latency_ms / 1000:.1f}s",
         f"{result.usage.total_tokens} tokens",

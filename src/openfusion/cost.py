@@ -33,6 +33,8 @@ from openfusion.types import Usage
 
 PER_MILLION = 1_000_000
 SYNC_FILE = "openrouter_models.json"
+CHARS_PER_TOKEN = 4
+"""For estimates of what a call used when the upstream never said (a stream cut short)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +98,23 @@ class PriceCatalog:
         return self._tool_prices.get(tool)
 
     def priced(self, model_id: str, usage: Usage) -> Usage:
-        """``usage`` with its cost filled in from the catalog, unless the provider gave one."""
-        if usage.cost is not None:
+        """``usage`` with its cost filled in from the catalog, unless the provider gave one
+        (or gave no usage at all: zero tokens counted is not zero tokens used)."""
+        if usage.cost is not None or not usage.reported:
             return usage
         price = self.price(model_id)
         return replace(usage, cost=None if price is None else price.cost(usage))
+
+    def estimated(self, model_id: str, prompt_chars: int, completion_text: str) -> Usage:
+        """What a call that never reported usage consumed, estimated from its text and priced
+        (cost ``None`` without a price); marked ``estimated``."""
+        usage = Usage(
+            prompt_tokens=-(-prompt_chars // CHARS_PER_TOKEN),
+            completion_tokens=-(-len(completion_text) // CHARS_PER_TOKEN),
+            cost=None,
+            estimated=True,
+        )
+        return self.priced(model_id, usage)
 
     def worst_case(self, model_id: str, prompt_tokens: int, max_tokens: int) -> float | None:
         """The most a call can cost, or ``None`` when the model has no known price."""

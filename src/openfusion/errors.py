@@ -14,6 +14,11 @@ Inside a fusion, a ``ProviderError`` never escapes: it becomes a ``MemberFailure
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from openfusion.types import Usage
+
 
 class OpenFusionError(Exception):
     """Base of every error openfusion raises on purpose."""
@@ -68,6 +73,9 @@ class ProviderError(OpenFusionError):
         """Seconds the upstream asked us to wait (``Retry-After``), if it said."""
         self.tries = 1
         """Calls made before giving up (retries and fallbacks included)."""
+        self.usage: Usage | None = None
+        """What the failed call consumed, when it was billed anyway (a stream cut after its
+        text was sent: estimated from that text)."""
         if reason is not None:
             self.reason = reason
 

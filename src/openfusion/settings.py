@@ -148,7 +148,10 @@ BUILTIN_PROVIDERS: dict[str, ProviderConfig] = {
         headers={"X-Title": "openfusion"},
     ),
     "openai": ProviderConfig(
-        type="openai_compat", base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY"
+        type="openai_compat",
+        base_url="https://api.openai.com/v1",
+        api_key_env="OPENAI_API_KEY",
+        options={"reasoning_param": "reasoning_effort"},
     ),
     "local": ProviderConfig(type="local"),
     "scripted": ProviderConfig(type="scripted"),

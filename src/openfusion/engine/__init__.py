@@ -1,9 +1,12 @@
-"""The fusion engine: panel fan-out, judge analysis, synthesis. Pure asyncio, no HTTP."""
+"""The fusion engine: panel fan-out, judge analysis, synthesis, the caller tier. Pure asyncio,
+no HTTP."""
 
-from openfusion.engine.fusion import DEPTH_HEADER, Fusion
+from openfusion.engine.fusion import Fusion
+from openfusion.engine.options import RunOptions
 from openfusion.engine.result import (
     AnswerDelta,
     Done,
+    FusionCallEvent,
     FusionEvent,
     FusionResult,
     MemberEvent,
@@ -12,17 +15,20 @@ from openfusion.engine.result import (
     StageEvent,
     ToolEvent,
 )
+from openfusion.engine.run import DEPTH_HEADER
 
 __all__ = [
     "DEPTH_HEADER",
     "AnswerDelta",
     "Done",
     "Fusion",
+    "FusionCallEvent",
     "FusionEvent",
     "FusionResult",
     "MemberEvent",
     "MemberFailure",
     "MemberResponse",
+    "RunOptions",
     "StageEvent",
     "ToolEvent",
 ]

@@ -46,8 +46,14 @@ def number_sources(sources: Iterable[tuple[str, str]]) -> list[SourceRef]:
 
 
 def check(
-    answer: str, sources: Sequence[SourceRef], responses: Sequence[MemberResponse]
+    answer: str,
+    sources: Sequence[SourceRef],
+    responses: Sequence[MemberResponse],
+    *,
+    listing: bool = True,
 ) -> Citations:
+    """Annotate ``answer``'s verified citations and list the unverified ones; ``listing``
+    appends the cited sources (off when the answer must stay JSON)."""
     by_number = {s.number: s for s in sources}
     retrieved = {s.url for s in sources}
     unverified: list[dict[str, str]] = []
@@ -78,9 +84,9 @@ def check(
             if url not in retrieved:
                 unverified.append({"where": where, "citation": url})
     content = answer
-    if cited:
-        listing = "\n".join(f"[{s.number}] {s.title} — {s.url}" for s in cited)
-        content = f"{answer}{SOURCES_HEADING}{listing}"
+    if cited and listing:
+        lines = "\n".join(f"[{s.number}] {s.title} — {s.url}" for s in cited)
+        content = f"{answer}{SOURCES_HEADING}{lines}"
     return Citations(content, tuple(annotations), tuple(unverified))
 
 

@@ -1,88 +1,51 @@
-"""A fusion, stage by stage: the panel answers, the judge analyses, the judge writes the answer.
+"""The library's entry point: ``Fusion`` runs fusions of one preset (the stages themselves are
+``engine/run.py``).
 
 ``Fusion.stream`` yields progress events and the answer token by token; ``Fusion.run`` returns
-the final ``FusionResult``. Failures of single calls are data (``MemberFailure``, a
-``failure_reason``); only configuration errors raise, and they raise before any call is made.
+the final ``FusionResult``. ``Fusion.call`` / ``Fusion.call_stream`` run the caller tier: a
+model of your choice decides whether to fuse (``engine/caller_tier.py``). Failures of single
+calls are data (``MemberFailure``, a ``failure_reason``); only configuration errors raise, and
+they raise before any call is made. A bug that crashes a run ends it with ``unexpected_error``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from contextlib import aclosing, suppress
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from pydantic import ValidationError
 
-from openfusion.engine import citations
 from openfusion.engine.budget import Budget
-from openfusion.engine.judge import (
-    AnalysisError,
-    LabelledResponse,
-    analysis_schema,
-    anonymise,
-    parse_analysis,
-)
-from openfusion.engine.member import answer_with_tools
-from openfusion.engine.panel import Member, gather_panel, members_of
+from openfusion.engine.options import RunOptions
 from openfusion.engine.policy import Caller
-from openfusion.engine.result import (
-    AnswerDelta,
-    Done,
-    FailureReason,
-    FusionEvent,
-    FusionResult,
-    MemberEvent,
-    MemberFailure,
-    MemberResponse,
-    StageEvent,
-    ToolCallRecord,
-    ToolEvent,
-)
+from openfusion.engine.result import Done, FusionEvent, FusionResult, MemberEvent, StageEvent
+from openfusion.engine.run import FusionRun, RunContext, Tracer, total
 from openfusion.engine.trace import (
     DEFAULT,
-    CallObserver,
-    FusionPlan,
-    ModelCallEvent,
     RunEnd,
     RunRecorder,
     RunStart,
     RunTrace,
     RunTraceHandle,
-    Stage,
-    ToolCallEvent,
-    TraceEvent,
     UseDefault,
 )
-from openfusion.errors import ConfigError, ProviderError
+from openfusion.errors import ConfigError
 from openfusion.presets import MAX_TOOL_CALLS, Preset, ToolUse, load_preset
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.settings import Settings, describe_validation_error
 from openfusion.tools import ToolRegistry, ToolSettings, corpus_path, default_tools
-from openfusion.types import CompletionRequest, Message, Usage
+from openfusion.types import Message, ToolSpec, Usage
 
-DEPTH_HEADER = "x-openrouter-fusion-depth"
-
-log = logging.getLogger(__name__)
-
-Emit = Callable[[FusionEvent], None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Stage:
-    """The outcome of one judge call (analysis or synthesis)."""
-
-    usage: Usage
-    error: AnalysisError | None = None
+log = logging.getLogger("openfusion.engine")
 
 
 class Fusion:
@@ -185,90 +148,145 @@ class Fusion:
         _ = self.tools  # a bad [tools] setting (a search backend without its key) fails now
 
     async def run(
-        self,
-        prompt: str | Sequence[Message],
-        *,
-        temperature: float | None = None,
-        synthesise: bool = True,
-        max_cost: float | None = None,
-        tools: Sequence[str] | None = None,
-        max_tool_calls: int | None = None,
-        run_id: str | None = None,
-        trace: RunTrace | None = None,
-        budget: Budget | None = None,
+        self, prompt: str | Sequence[Message], *, synthesise: bool = True, **args: Unpack[RunArgs]
     ) -> FusionResult:
         """Run a whole fusion and return its result (see ``stream`` for the arguments)."""
-        events = self.stream(
-            prompt,
-            temperature=temperature,
-            synthesise=synthesise,
-            max_cost=max_cost,
-            tools=tools,
-            max_tool_calls=max_tool_calls,
-            run_id=run_id,
-            trace=trace,
-            budget=budget,
-        )
-        async with aclosing(events):  # its cleanup (and the run's record) before we return
-            async for event in events:
-                if isinstance(event, Done):
-                    return event.result
-        raise RuntimeError("fusion ended without a result")  # pragma: no cover - a bug if reached
+        return await _result(self.stream(prompt, synthesise=synthesise, **args))
 
-    async def stream(
-        self,
-        prompt: str | Sequence[Message],
-        *,
-        temperature: float | None = None,
-        synthesise: bool = True,
-        max_cost: float | None = None,
-        tools: Sequence[str] | None = None,
-        max_tool_calls: int | None = None,
-        run_id: str | None = None,
-        trace: RunTrace | None = None,
-        budget: Budget | None = None,
+    def stream(
+        self, prompt: str | Sequence[Message], *, synthesise: bool = True, **args: Unpack[RunArgs]
     ) -> AsyncGenerator[FusionEvent, None]:
         """Yield progress events, the answer as ``AnswerDelta``s, and last a ``Done``.
 
-        ``temperature`` overrides the panel's; ``synthesise=False`` stops after the analysis
-        (for a caller model that writes the answer itself); ``max_cost`` (USD) is a budget: a
-        call that could overrun it is not started; ``tools`` names the tools members may use
-        (``[]``: none) and ``max_tool_calls`` caps their calls (at most 16); ``run_id`` names the
-        run (default: a new random id); ``budget`` is a limit shared with other runs (an eval's
-        ``--max-cost``), used instead of ``max_cost``. ``trace`` receives everything the run
-        does (see ``engine/trace.py``); without one, the run is recorded by ``recorder``.
-        Closing the iterator early cancels every call still running.
+        ``synthesise=False`` stops after the analysis (for a caller model that writes the
+        answer itself). ``args`` (``RunArgs``): ``temperature`` overrides the panel's;
+        ``max_cost`` (USD) is a budget: a call that could overrun it is not started; ``tools``
+        names the tools members may use (``[]``: none) and ``max_tool_calls`` caps their calls
+        (at most 16); ``run_id`` names the run (default: a new random id); ``budget`` is a
+        limit shared with other runs (an eval's ``--max-cost``), used instead of ``max_cost``;
+        ``options`` carries the rest of a request's fields (``RunOptions`` says where each
+        goes); ``trace``
+        receives everything the run does (see ``engine/trace.py``): without one, the run is
+        recorded by ``recorder``. Closing the iterator early cancels every call still running.
         """
         messages = _as_messages(prompt)
+
+        def work(context: RunContext) -> Coroutine[Any, Any, None]:
+            return FusionRun(context, messages).execute(synthesise)
+
+        recorded = RunStart("", "fusion", messages, f"openfusion/{self.preset.name}")
+        return self._events(work, args, recorded, {"synthesise": synthesise})
+
+    async def call(
+        self, model: str | Sequence[str], prompt: str | Sequence[Message], **args: Unpack[CallArgs]
+    ) -> FusionResult:
+        """The caller tier, whole (see ``call_stream`` for the arguments)."""
+        return await _result(self.call_stream(model, prompt, **args))
+
+    def call_stream(
+        self, model: str | Sequence[str], prompt: str | Sequence[Message], **args: Unpack[CallArgs]
+    ) -> AsyncGenerator[FusionEvent, None]:
+        """The caller tier: ``model`` (or the first of several that answers: fallbacks) is
+        offered a ``fusion`` tool beside your ``functions``, decides whether the prompt deserves
+        this preset's panel, gets the analysis and the panel's answers as the tool's result,
+        and writes the answer.
+
+        ``tool_choice``: ``"auto"`` (default), ``"required"`` (some tool), ``"fusion"`` (the
+        fusion, invoked for it if the model cannot call tools), ``"none"``, or the name of one
+        of ``functions``. A call to one of ``functions`` ends the run: the result carries it
+        in ``tool_calls`` for you to run. The fusion runs at most ``max_fusions`` times (default
+        1); an invocation past that is refused and the run ends with
+        ``fusion_invocation_capped``. Every call, the caller's included, counts against
+        ``max_cost``. ``options`` shape the caller's calls (and sampling the panel's too); the
+        panel's ``reasoning`` is the preset's. The other arguments are ``stream``'s.
+        """
+        from openfusion.engine.caller_tier import CallerTier
+
+        models = (model,) if isinstance(model, str) else tuple(model)
+        for model_id in models:
+            self.registry.resolve(model_id)  # a bad caller id is a ConfigError, before any call
+
+        messages = _as_messages(prompt)
+
+        def work(context: RunContext) -> Coroutine[Any, Any, None]:
+            tier = CallerTier(
+                context,
+                models,
+                messages,
+                functions=tuple(args.get("functions", ())),
+                tool_choice=args.get("tool_choice"),
+                max_fusions=args.get("max_fusions", 1),
+            )
+            return tier.execute()
+
+        recorded = RunStart("", "caller", messages, models[0])
+        extra = {"tool_choice": args.get("tool_choice"), "max_fusions": args.get("max_fusions")}
+        return self._events(work, args, recorded, extra)
+
+    def tool_use(
+        self, tools: Sequence[str] | None, max_tool_calls: int | None
+    ) -> tuple[ToolRegistry | None, int]:
+        """The tools a run's members may call (``tools`` names a subset) and how often."""
+        registry = self.tools if tools is None else _subset(self.tools, tools)
+        calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
+        return registry, min(calls, MAX_TOOL_CALLS)
+
+    async def _events(
+        self,
+        work: Callable[[RunContext], Coroutine[Any, Any, None]],
+        args: RunArgs,
+        recorded: RunStart,
+        extra: dict[str, Any],
+    ) -> AsyncGenerator[FusionEvent, None]:
+        """Run ``work`` as a task and yield what it emits; closing the iterator cancels it.
+        A crash of the work (a bug) ends the run with ``unexpected_error``. Without a
+        ``trace``, the run is recorded by ``recorder`` as ``recorded`` says (``extra``: more of
+        its options)."""
         try:
             self.check()
+            run_id = args.get("run_id") or uuid.uuid4().hex
             queue: asyncio.Queue[FusionEvent | None] = asyncio.Queue()
+            max_cost = args.get("max_cost")
+            budget = args.get("budget")
             if budget is None and max_cost is not None:
                 budget = Budget(max_cost)
-            registry = self.tools if tools is None else _subset(self.tools, tools)
-            calls = self.preset.tools.max_tool_calls if max_tool_calls is None else max_tool_calls
-            tool_use = (registry, min(calls, MAX_TOOL_CALLS))
-            run_id = run_id or uuid.uuid4().hex
-            options = {"temperature": temperature, "max_cost": max_cost, "tools": tools}
-            options |= {"max_tool_calls": max_tool_calls, "synthesise": synthesise}
+            trace = args.get("trace")
             own: RunTraceHandle | None = None
             if trace is None and self.recorder is not None:
-                start = RunStart(run_id, "fusion", messages, f"openfusion/{self.preset.name}")
-                trace = own = self.recorder.start_run(dataclasses.replace(start, options=options))
-            run = _Run(self, messages, temperature, budget, tool_use, queue.put_nowait, run_id)
-            run.trace = trace
-            task = asyncio.create_task(run.execute(synthesise))
+                options = {k: args.get(k) for k in ("temperature", "max_cost", "tools")}
+                options |= {"max_tool_calls": args.get("max_tool_calls"), **extra}
+                start = dataclasses.replace(recorded, id=run_id, options=options)
+                trace = own = self.recorder.start_run(start)
+            context = RunContext(
+                self,
+                _with_temperature(args.get("options"), args.get("temperature")),
+                budget,
+                queue.put_nowait,
+                run_id,
+                self.tool_use(args.get("tools"), args.get("max_tool_calls")),
+                Tracer(trace, run_id),
+            )
+            started = time.monotonic()
+            task = asyncio.create_task(work(context))
             task.add_done_callback(lambda _: queue.put_nowait(None))
+            spent: list[Usage] = []
             end = RunEnd("cancelled")
             try:
                 while (event := await queue.get()) is not None:
                     if isinstance(event, Done):
                         end = RunEnd.of(event.result)
+                    spent.extend(_spent(event))
                     yield event
-                task.result()  # re-raise a bug in the engine rather than end quietly
-            except Exception as exc:
-                end = RunEnd("error", failure_message=f"{type(exc).__name__}: {exc}")
-                raise
+                error = None if task.cancelled() else task.exception()
+                if isinstance(error, ConfigError):
+                    end = RunEnd("error", failure_message=f"{type(error).__name__}: {error}")
+                    raise error  # a template or setting found wrong mid-run: still the config's
+                if error is not None and end.result is None:
+                    log.error("fusion run %s crashed", run_id, exc_info=error)
+                    crashed = Done(self._crashed(run_id, error, spent, started, budget))
+                    context.trace(crashed)
+                    end = RunEnd.of(crashed.result)
+                    yield crashed
             finally:
                 if not task.done():
                     task.cancel()
@@ -280,308 +298,52 @@ class Fusion:
             if not self._entered:
                 await self.aclose()
 
-
-class _Run:
-    """One fusion's state, its stages as methods: panel → analysis → synthesis."""
-
-    def __init__(
+    def _crashed(
         self,
-        fusion: Fusion,
-        messages: tuple[Message, ...],
-        temperature: float | None,
-        budget: Budget | None,
-        tool_use: tuple[ToolRegistry | None, int],
-        emit: Emit,
         run_id: str,
-    ) -> None:
-        self.id = run_id
-        self.fusion = fusion
-        self.preset = fusion.preset
-        self.caller = fusion.caller
-        self.messages = messages
-        self.question = next(m.content for m in reversed(messages) if m.role == "user")
-        self.temperature = temperature
-        self.budget = budget
-        self._emit = emit
-        self.headers = {DEPTH_HEADER: str(fusion.depth + 1)}
-        self.started = time.monotonic()
-        self.tools, self.max_tool_calls = tool_use
-        self.sources: list[tuple[str, str]] = []
-        """``(url, title)`` of every document a member's tool call returned, in order."""
-        self.trace: RunTrace | None = None
-
-    def emit(self, event: FusionEvent) -> None:
-        self.record(event)
-        self._emit(event)
-
-    def record(self, event: TraceEvent) -> None:
-        """Feed the trace; one that fails is logged and dropped (the answer goes on)."""
-        if self.trace is None:
-            return
-        try:
-            self.trace.event(event)
-        except Exception:
-            log.exception("recording run %s failed; the rest of it is not recorded", self.id)
-            self.trace = None
-
-    def observer(self, stage: Stage, member: int | None = None) -> CallObserver | None:
-        if self.trace is None:
-            return None
-        return lambda record: self.record(ModelCallEvent(stage, member, record))
-
-    async def execute(self, synthesise: bool) -> None:
-        members = members_of(self.preset.panel)
-        plan = tuple((m.index, m.name, m.slot.model) for m in members)
-        self.record(FusionPlan(self.preset.name, self.preset.judge, plan))
-        for member in members:
-            self.emit(MemberEvent(member.index, member.name, "waiting"))
-        outcomes = await gather_panel(members, self.ask, self.preset.policy, self.deadline)
-        responses = tuple(o for o in outcomes if isinstance(o, MemberResponse))
-        failures = tuple(o for o in outcomes if isinstance(o, MemberFailure))
-        panel = _total([o.usage for o in outcomes])
-        if len(responses) < self.preset.policy.min_panel:
-            self.finish(responses, failures, "", None, {"panel": panel}, _panel_failure(failures))
-            return
-        labelled = anonymise(responses, self.fusion._rng)
-        analysis, analysed = await self.analyse(labelled)
-        stages = {"panel": panel, "analysis": analysed.usage}
-        error = analysed.error
-        sources = citations.number_sources(self.sources)
-        content = ""
-        if synthesise:
-            content, synthesised = await self.synthesise(
-                labelled, analysis, responses[0].content, sources
-            )
-            stages["synthesis"] = synthesised.usage
-            error = error or synthesised.error
-        checked = citations.check(content, sources, responses)
-        if checked.content != content:  # the Sources list, streamed like the rest
-            self.emit(AnswerDelta(checked.content[len(content) :]))
-        if analysis is not None and checked.unverified:
-            analysis["unverified_citations"] = list(checked.unverified)
-        failure = (_judge_reason(error.reason), error.message) if error else None
-        self.finish(responses, failures, checked.content, analysis, stages, failure, checked)
-
-    def finish(
-        self,
-        responses: tuple[MemberResponse, ...],
-        failures: tuple[MemberFailure, ...],
-        content: str,
-        analysis: dict[str, Any] | None,
-        stages: dict[str, Usage],
-        failure: tuple[FailureReason, str] | None,
-        checked: citations.Citations | None = None,
-    ) -> None:
-        error = failure is not None and failure[0] in PANEL_FAILURES
-        sources = citations.number_sources(self.sources)
-        self.emit(
-            Done(
-                FusionResult(
-                    status="error" if error else "ok",
-                    content=content,
-                    analysis=analysis,
-                    responses=responses,
-                    failed_models=failures,
-                    failure_reason=failure[0] if failure else None,
-                    failure_message=failure[1] if failure else None,
-                    usage=_total(list(stages.values())),
-                    cost_details={stage: usage.cost for stage, usage in stages.items()},
-                    judge=self.preset.judge,
-                    latency_ms=round((time.monotonic() - self.started) * 1000),
-                    run_id=self.id,
-                    budget=self.budget.to_dict() if self.budget else None,
-                    sources=tuple(
-                        {"number": s.number, "title": s.title, "url": s.url} for s in sources
-                    ),
-                    annotations=checked.annotations if checked else (),
-                    unverified_citations=checked.unverified if checked else (),
-                )
-            )
+        error: BaseException | None,
+        spent: list[Usage],
+        started: float,
+        budget: Budget | None,
+    ) -> FusionResult:
+        return FusionResult(
+            status="error",
+            content="",
+            analysis=None,
+            responses=(),
+            failed_models=(),
+            failure_reason="unexpected_error",
+            failure_message=f"the run crashed: {type(error).__name__}: {error}",
+            usage=total(spent),
+            cost_details={},
+            judge=self.preset.judge,
+            latency_ms=round((time.monotonic() - started) * 1000),
+            run_id=run_id,
+            budget=budget.to_dict() if budget else None,
         )
 
-    # -- panel ---------------------------------------------------------------------------
 
-    async def ask(self, member: Member) -> MemberResponse | MemberFailure:
-        self.emit(MemberEvent(member.index, member.name, "running"))
-        started = time.monotonic()
-        system = self.fusion.prompts.render(
-            "panel_system",
-            question=self.question,
-            member_index=member.index,
-            panel_size=len(self.preset.panel),
-            tools=list(self.tools.names) if self.tools and self.max_tool_calls else [],
-        )
-        request = CompletionRequest(
-            model="",
-            messages=(Message("system", system), *self.messages),
-            temperature=self.temperature
-            if self.temperature is not None
-            else member.slot.temperature,
-            seed=member.slot.seed,
-            max_tokens=self.preset.limits.panel_max_tokens,
-            headers=self.headers,
-        )
+class RunArgs(TypedDict, total=False):
+    """What a run takes besides its prompt (``Fusion.stream`` says what each is)."""
 
-        def on_tool(call: ToolCallRecord, started: float) -> None:
-            ok = call.error is None
-            self.emit(ToolEvent(member.index, member.name, call.name, call.arguments, ok))
-            self.record(ToolCallEvent(member.index, call, started, time.monotonic()))
-
-        answer = await answer_with_tools(
-            self.caller,
-            member.slot.models,
-            request,
-            self.tools,
-            self.max_tool_calls,
-            first_call_required=self.preset.tools.first_call == "required",
-            budget=self.budget,
-            on_tool=on_tool,
-            observe=self.observer("panel", member.index),
-        )
-        error = answer.error
-        if error is None and not answer.content.strip():
-            error = ProviderError("the model returned an empty answer", reason="empty_completion")
-        elapsed = time.monotonic() - started
-        if error is not None:  # what the member spent before failing still counts
-            failure = MemberFailure(
-                member.slot.model,
-                member.name,
-                error.reason,
-                error.status,
-                error.message,
-                usage=answer.usage,
-                tries=error.tries,
-            )
-            self.emit(
-                MemberEvent(
-                    member.index,
-                    member.name,
-                    "failed",
-                    elapsed,
-                    answer.usage,
-                    error.reason,
-                    outcome=failure,
-                )
-            )
-            return failure
-        self.sources.extend((s.url, s.title) for s in answer.sources)
-        response = MemberResponse(
-            model=answer.model,
-            name=member.name,
-            content=answer.content.strip(),
-            usage=answer.usage,
-            latency_ms=round(elapsed * 1000),
-            tool_calls=answer.tool_calls,
-        )
-        self.emit(
-            MemberEvent(
-                member.index, member.name, "done", elapsed, usage=answer.usage, outcome=response
-            )
-        )
-        return response
-
-    def deadline(self, member: Member, waited: float) -> MemberFailure:
-        elapsed = time.monotonic() - self.started
-        message = f"cancelled: the quorum had answered and it was {waited:.1f}s behind"
-        failure = MemberFailure(member.slot.model, member.name, "deadline", None, message)
-        self.emit(
-            MemberEvent(
-                member.index, member.name, "failed", elapsed, reason="deadline", outcome=failure
-            )
-        )
-        return failure
-
-    # -- judge ---------------------------------------------------------------------------
-
-    async def analyse(
-        self, labelled: list[LabelledResponse]
-    ) -> tuple[dict[str, Any] | None, _Stage]:
-        self.emit(StageEvent("analysis", "running"))
-        started = time.monotonic()
-        labels = [item.label for item in labelled]
-        limits = self.preset.limits
-        prompt = self.fusion.prompts.render(
-            "judge_analysis",
-            question=self.question,
-            responses=_for_template(labelled),
-            labels=labels,
-        )
-        request = CompletionRequest(
-            model="",
-            messages=(Message("user", prompt),),
-            temperature=0.0,
-            max_tokens=limits.analysis_max_tokens,
-            json_schema=analysis_schema(labels, limits.analysis_items, limits.analysis_chars),
-            headers=self.headers,
-        )
-        usage = Usage()
-        try:
-            call = await self.caller.complete(
-                self.preset.judges, request, self.budget, observe=self.observer("analysis")
-            )
-            usage = call.completion.usage
-            analysis = parse_analysis(call.completion.content, labelled)
-        except (ProviderError, AnalysisError) as exc:
-            error = exc if isinstance(exc, AnalysisError) else _upstream(exc)
-            elapsed = time.monotonic() - started
-            self.emit(StageEvent("analysis", "failed", elapsed, usage, error.reason))
-            return None, _Stage(usage, error)
-        elapsed = time.monotonic() - started
-        self.emit(StageEvent("analysis", "done", elapsed, usage, analysis=analysis))
-        return analysis, _Stage(usage)
-
-    async def synthesise(
-        self,
-        labelled: list[LabelledResponse],
-        analysis: dict[str, Any] | None,
-        fallback: str,
-        sources: list[citations.SourceRef],
-    ) -> tuple[str, _Stage]:
-        self.emit(StageEvent("synthesis", "running"))
-        started = time.monotonic()
-        prompt = self.fusion.prompts.render(
-            "synthesis",
-            question=self.question,
-            responses=_for_template(labelled),
-            analysis=analysis,
-            analysis_json=_analysis_json(analysis, labelled),
-            sources=[{"number": s.number, "title": s.title, "url": s.url} for s in sources],
-        )
-        request = CompletionRequest(
-            model="",
-            messages=(Message("user", prompt),),
-            max_tokens=self.preset.limits.synthesis_max_tokens,
-            headers=self.headers,
-        )
-        parts: list[str] = []
-        usage = Usage()
-        error: AnalysisError | None = None
-        try:
-            stream = self.caller.stream(
-                self.preset.judges, request, self.budget, observe=self.observer("synthesis")
-            )
-            async for chunk in stream:
-                if chunk.delta and (parts or chunk.delta.strip()):
-                    delta = chunk.delta if parts else chunk.delta.lstrip()
-                    parts.append(delta)
-                    self.emit(AnswerDelta(delta))
-                usage = chunk.usage or usage
-        except ProviderError as exc:
-            error = _upstream(exc)
-        if error is None and not "".join(parts).strip():
-            error = AnalysisError("judge_empty_completion", "the judge wrote an empty answer")
-        elapsed = time.monotonic() - started
-        if error is not None:
-            self.emit(StageEvent("synthesis", "failed", elapsed, usage, error.reason))
-            if not parts:  # best effort: the first panel answer stands in for the fused one
-                parts.append(fallback)
-                self.emit(AnswerDelta(fallback))
-            return "".join(parts), _Stage(usage, error)
-        self.emit(StageEvent("synthesis", "done", elapsed, usage))
-        return "".join(parts).strip(), _Stage(usage)
+    temperature: float | None
+    max_cost: float | None
+    tools: Sequence[str] | None
+    max_tool_calls: int | None
+    run_id: str | None
+    options: RunOptions | None
+    trace: RunTrace | None
+    budget: Budget | None
+    """A limit shared with other runs (an eval's ``--max-cost``), used instead of
+    ``max_cost``."""
 
 
-PANEL_FAILURES = frozenset({"all_panels_failed", "rate_limited", "insufficient_credits"})
+class CallArgs(RunArgs, total=False):
+    """What the caller tier takes besides ``RunArgs`` (``Fusion.call_stream`` says)."""
+
+    functions: Sequence[ToolSpec]
+    tool_choice: str | None
+    max_fusions: int
 
 
 def tool_settings(settings: Settings) -> ToolSettings:
@@ -623,53 +385,30 @@ def _subset(registry: ToolRegistry | None, names: Sequence[str]) -> ToolRegistry
     return subset if len(subset) else None
 
 
+async def _result(events: AsyncGenerator[FusionEvent, None]) -> FusionResult:
+    async with aclosing(events):  # its cleanup (and the run's record) before we return
+        async for event in events:
+            if isinstance(event, Done):
+                return event.result
+    raise RuntimeError("fusion ended without a result")  # pragma: no cover - a bug if reached
+
+
+def _with_temperature(options: RunOptions | None, temperature: float | None) -> RunOptions:
+    options = options or RunOptions()
+    if temperature is None:
+        return options
+    return dataclasses.replace(options, temperature=temperature)
+
+
+def _spent(event: FusionEvent) -> list[Usage]:
+    """What a finished call reported by ``event`` spent (tools count in their member)."""
+    if isinstance(event, MemberEvent | StageEvent) and event.state in ("done", "failed"):
+        return [event.usage] if event.usage is not None else []
+    return []
+
+
 def _as_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
     messages = (Message("user", prompt),) if isinstance(prompt, str) else tuple(prompt)
     if not any(m.role == "user" and m.content.strip() for m in messages):
         raise ConfigError("a fusion needs a non-empty user message")
     return messages
-
-
-def _for_template(labelled: list[LabelledResponse]) -> list[dict[str, str]]:
-    return [{"label": item.label, "content": item.content} for item in labelled]
-
-
-def _analysis_json(analysis: dict[str, Any] | None, labelled: list[LabelledResponse]) -> str:
-    """The analysis as the judge wrote it: with labels, since the synthesis prompt is anonymous."""
-    if analysis is None:
-        return ""
-    text = json.dumps(analysis, ensure_ascii=False)
-    for item in labelled:
-        text = text.replace(json.dumps(item.member.name), json.dumps(item.label))
-    return text
-
-
-def _upstream(exc: ProviderError) -> AnalysisError:
-    return AnalysisError("judge_upstream_error", f"{exc.reason}: {exc.message}")
-
-
-def _judge_reason(reason: str) -> FailureReason:
-    reasons: dict[str, FailureReason] = {
-        "judge_not_valid_json": "judge_not_valid_json",
-        "judge_schema_mismatch": "judge_schema_mismatch",
-        "judge_empty_completion": "judge_empty_completion",
-    }
-    return reasons.get(reason, "judge_upstream_error")
-
-
-def _panel_failure(failures: Sequence[MemberFailure]) -> tuple[FailureReason, str]:
-    reasons = {f.reason for f in failures}
-    reason: FailureReason = "all_panels_failed"
-    if reasons == {"rate_limited"}:
-        reason = "rate_limited"
-    elif reasons and reasons <= {"insufficient_credits", "budget"}:
-        reason = "insufficient_credits"  # out of credits upstream, or out of max_cost here
-    detail = "; ".join(f"{f.name}: {f.reason} ({f.message})" for f in failures)
-    return reason, f"too few panel members answered: {detail}"
-
-
-def _total(usages: Sequence[Usage]) -> Usage:
-    total = Usage()
-    for usage in usages:
-        total += usage
-    return total

@@ -67,7 +67,7 @@ def analysis_schema(
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Stance(_Strict):
@@ -91,7 +91,7 @@ class UniqueInsight(_Strict):
 
 
 class Analysis(_Strict):
-    """The contract's five keys and shapes. Extra keys are dropped, missing ones are an error."""
+    """The contract's five keys and shapes, exactly: a missing or an extra key is an error."""
 
     consensus: list[str]
     contradictions: list[Contradiction]
@@ -111,7 +111,8 @@ def parse_analysis(text: str, labelled: Sequence[LabelledResponse]) -> dict[str,
     """Validate the judge's reply and map labels back to member names.
 
     Raises ``AnalysisError`` with reason ``judge_empty_completion``, ``judge_not_valid_json`` or
-    ``judge_schema_mismatch``.
+    ``judge_schema_mismatch`` (wrong shape, a key too many or too few, or a model named by
+    something that is not one of the panel's labels).
     """
     body = _strip_fences(text)
     if not body:
@@ -131,8 +132,13 @@ def parse_analysis(text: str, labelled: Sequence[LabelledResponse]) -> dict[str,
     def name(label: str) -> str:
         key = label.strip()
         if not key.startswith("Response "):
-            key = f"Response {key}"
-        return names.get(key, label)
+            key = f"Response {key}"  # "A" for "Response A"
+        if key not in names:
+            raise AnalysisError(
+                "judge_schema_mismatch",
+                f"analysis names {label!r}, which is not a panel label ({', '.join(names)})",
+            )
+        return names[key]
 
     for contradiction in analysis.contradictions:
         for stance in contradiction.stances:

@@ -8,7 +8,9 @@ the price of what it cost.
 - Fallbacks: a slot lists models to try in order once its first is out of retries.
 - Circuit breaker, per model id: after ``threshold`` retryable failures in a row, calls are refused
   at once for ``cooldown`` seconds; then one probe call is let through (half-open), and its
-  outcome closes or re-opens the circuit. One breaker is shared by every run of a process.
+  outcome closes or re-opens the circuit. A probe that ends without telling (cancelled, refused
+  by the budget, or failed with an error that says nothing of the model's health) is released:
+  the next call probes instead. One breaker is shared by every run of a process.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from openfusion.engine.budget import (
 from openfusion.engine.trace import CallObserver, CallRecord
 from openfusion.errors import ConfigError, ProviderError
 from openfusion.providers import Provider, ProviderRegistry
+from openfusion.providers.base import honoured_part
 from openfusion.settings import Settings
-from openfusion.types import Chunk, Completion, CompletionRequest, Usage
+from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +81,15 @@ class CircuitBreaker:
         waited = self._clock() - self._opened_at[key]
         return "half-open" if waited >= self.cooldown else "open"
 
-    def check(self, key: str) -> None:
-        """Raise ``CircuitOpenError`` unless a call to ``key`` may go out now."""
+    def check(self, key: str) -> bool:
+        """Raise ``CircuitOpenError`` unless a call to ``key`` may go out now; True when this
+        call is the half-open probe (its outcome decides, or it must be ``release``d)."""
         if key not in self._opened_at:
-            return
+            return False
         waited = self._clock() - self._opened_at[key]
         if waited >= self.cooldown and key not in self._probing:
             self._probing.add(key)  # half-open: this call is the probe
-            return
+            return True
         retry_in = max(0.0, self.cooldown - waited)
         raise CircuitOpenError(
             f"{key}: circuit open after {self._failures.get(key, 0)} failures in a row; "
@@ -103,6 +107,10 @@ class CircuitBreaker:
         if key in self._probing or self._failures[key] >= self.threshold:
             self._probing.discard(key)
             self._opened_at[key] = self._clock()
+
+    def release(self, key: str) -> None:
+        """A probe that decided nothing: the circuit stays half-open, the next call probes."""
+        self._probing.discard(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +189,8 @@ class Caller:
                 attempt += 1
                 try:
                     async with self._slot(model_id, request, budget) as (provider, name, bill):
-                        completion = await provider.complete(
-                            dataclasses.replace(request, model=name)
-                        )
+                        call = dataclasses.replace(request, model=name)
+                        completion = await provider.complete(honoured_part(provider, call))
                         usage = bill(completion.usage)
                 except ProviderError as exc:
                     errors.append(exc)
@@ -201,11 +208,13 @@ class Caller:
         *,
         observe: CallObserver | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Like ``complete``, streamed. Once text has gone out, a failure is final."""
+        """Like ``complete``, streamed. Once text has gone out, a failure is final, and the
+        error carries (as ``usage``) what the sent text is estimated to have cost."""
         errors: list[ProviderError] = []
         started = time.monotonic()
         answered: list[str] = []
         parts: list[str] = []
+        calls: list[ToolCall] = []
         usage: Usage | None = None
         reply: Completion | None = None
         error: ProviderError | None = None
@@ -213,9 +222,11 @@ class Caller:
             async with aclosing(self._stream(models, request, budget, errors, answered)) as chunks:
                 async for chunk in chunks:
                     parts.append(chunk.delta)
+                    calls.extend(chunk.tool_calls)
                     usage = chunk.usage or usage
                     yield chunk
-            reply = Completion("".join(parts), usage or Usage(cost=None), answered[-1])
+            usage = usage or Usage(cost=None, reported=False)
+            reply = Completion("".join(parts), usage, answered[-1], tool_calls=tuple(calls))
         except ProviderError as exc:
             error = exc
             raise
@@ -232,20 +243,28 @@ class Caller:
         errors: list[ProviderError],
         answered: list[str],
     ) -> AsyncGenerator[Chunk, None]:
+        prompt_chars = sum(len(m.content) for m in request.messages)
         for model_id in models:
             attempt = 0
             while True:
                 attempt += 1
-                sent = False
+                sent: list[str] = []
                 try:
                     async with self._slot(model_id, request, budget) as (provider, name, bill):
                         answered.append(model_id)
-                        stream = provider.stream(dataclasses.replace(request, model=name))
-                        async for chunk in stream:
-                            sent = sent or bool(chunk.delta)
-                            if chunk.usage is not None:
-                                chunk = dataclasses.replace(chunk, usage=bill(chunk.usage))
-                            yield chunk
+                        call = dataclasses.replace(request, model=name)
+                        try:
+                            async for chunk in provider.stream(honoured_part(provider, call)):
+                                if chunk.delta:
+                                    sent.append(chunk.delta)
+                                if chunk.usage is not None:
+                                    chunk = dataclasses.replace(chunk, usage=bill(chunk.usage))
+                                yield chunk
+                        except ProviderError as exc:
+                            if sent:  # billed upstream for what it sent, though it never said
+                                text = "".join(sent)
+                                exc.usage = self.prices.estimated(model_id, prompt_chars, text)
+                            raise
                 except ProviderError as exc:
                     errors.append(exc)
                     if sent:
@@ -271,7 +290,7 @@ class Caller:
             provider, name = self.registry.resolve(model_id)
         except ConfigError as exc:  # a failure of this slot, not of the whole run
             raise ProviderError(str(exc), reason="config_error") from exc
-        self.breaker.check(model_id)
+        probe = self.breaker.check(model_id)
         reservation = 0.0
         if budget is not None:
             chars = sum(len(m.content) for m in request.messages)
@@ -280,7 +299,12 @@ class Caller:
                 estimate_prompt_tokens(chars),
                 request.max_tokens or DEFAULT_MAX_TOKENS,
             )
-            reservation = budget.reserve(model_id, worst)
+            try:
+                reservation = budget.reserve(model_id, worst)
+            except BudgetExceeded:
+                if probe:
+                    self.breaker.release(model_id)
+                raise
         billed: list[Usage] = []
 
         def bill(usage: Usage) -> Usage:
@@ -290,11 +314,15 @@ class Caller:
 
         try:
             yield provider, name, bill
-        except ProviderError:
-            if budget is not None:
-                budget.settle(reservation, 0.0)  # upstreams do not bill failed calls
+        except ProviderError as exc:
+            if probe and not exc.retryable:  # a 4xx says nothing of the model's health
+                self.breaker.release(model_id)
+            if budget is not None:  # upstreams bill failed calls only for text they sent
+                budget.settle(reservation, exc.usage.cost if exc.usage else 0.0)
             raise
         except BaseException:
+            if probe:  # cancelled: it never found out whether the model is back
+                self.breaker.release(model_id)
             if budget is not None:
                 budget.settle(reservation, None)
             raise
@@ -332,13 +360,21 @@ def _record(
         messages=request.messages,
         content=reply.content if reply else "",
         tool_calls=reply.tool_calls if reply else (),
-        usage=reply.usage if reply else Usage(cost=0.0 if error else None),
+        usage=reply.usage if reply else _failed_usage(error),
         tries=failed_tries + (error is None),
         error=error,
         cancelled=reply is None and error is None,
         started=started,
         ended=time.monotonic(),
     )
+
+
+def _failed_usage(error: ProviderError | None) -> Usage:
+    """A call without a reply: cancelled (unknown), failed (not billed), or cut after its text
+    went out (billed: the error carries the estimate)."""
+    if error is None:
+        return Usage(cost=None)
+    return error.usage or Usage(cost=0.0)
 
 
 def _gave_up(models: Sequence[str], errors: list[ProviderError]) -> ProviderError:

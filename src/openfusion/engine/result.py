@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from openfusion.types import Usage
+from openfusion.types import ToolCall, Usage
 
 FailureReason = Literal[
     "all_panels_failed",
     "insufficient_credits",
     "rate_limited",
+    "fusion_invocation_capped",
+    "unexpected_error",
+    "caller_upstream_error",
     "judge_not_valid_json",
     "judge_schema_mismatch",
     "judge_upstream_error",
@@ -114,6 +117,15 @@ class FusionResult:
     """OpenAI-style ``url_citation`` annotations of the answer's verified ``[n]`` citations."""
     unverified_citations: tuple[dict[str, str], ...] = ()
     """Citations (``[n]`` or URLs) in the answers that no tool call of this run retrieved."""
+    caller: str | None = None
+    """The caller tier: the caller model that wrote the answer (``None``: the judge did)."""
+    fused: bool = True
+    """False when a caller answered without invoking the fusion (the fusion fields are empty)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls the caller made to the client's own functions: the client runs them."""
+    finish_reason: str = "stop"
+    caller_failure: MemberFailure | None = None
+    """The caller tier: the caller's own failure (``caller_upstream_error`` and the like)."""
 
     @property
     def unpriced(self) -> list[str]:
@@ -144,13 +156,20 @@ class FusionResult:
             "sources": list(self.sources),
             "annotations": list(self.annotations),
             "unverified_citations": list(self.unverified_citations),
+            "caller": self.caller,
+            "fused": self.fused,
+            "tool_calls": [
+                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls
+            ],
+            "finish_reason": self.finish_reason,
+            "caller_failure": self.caller_failure.to_dict() if self.caller_failure else None,
         }
 
 
 # --- progress events, in the order a run emits them -------------------------------------------
 
 MemberState = Literal["waiting", "running", "done", "failed"]
-StageName = Literal["analysis", "synthesis"]
+StageName = Literal["caller", "analysis", "synthesis"]
 StageState = Literal["running", "done", "failed"]
 
 
@@ -179,6 +198,8 @@ class ToolEvent:
 
 @dataclass(frozen=True, slots=True)
 class StageEvent:
+    """A judge stage, or (``caller``) one call of the caller model in the caller tier."""
+
     stage: StageName
     state: StageState
     elapsed: float = 0.0
@@ -186,6 +207,21 @@ class StageEvent:
     reason: str | None = None
     analysis: dict[str, Any] | None = None
     """On the analysis stage's ``done``: the analysis (models named by panel member)."""
+    model: str | None = None
+    """The model running it (on ``running``: the first to be tried; after: the one that ran)."""
+    sources: tuple[dict[str, Any], ...] = ()
+    """``analysis`` ended: the documents retrieved so far, numbered as the answer cites them."""
+
+
+@dataclass(frozen=True, slots=True)
+class FusionCallEvent:
+    """The caller tier: the caller invoked the fusion tool (``running``) and it ended
+    (``done``, with the fusion's result, or ``capped``: over the allowed number of fusions)."""
+
+    call_id: str
+    state: Literal["running", "done", "capped"]
+    prompt: str
+    result: FusionResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,4 +234,4 @@ class Done:
     result: FusionResult
 
 
-FusionEvent = MemberEvent | ToolEvent | StageEvent | AnswerDelta | Done
+FusionEvent = MemberEvent | ToolEvent | StageEvent | FusionCallEvent | AnswerDelta | Done

@@ -6,9 +6,9 @@ seeds and temperatures) judged by the same model. A preset file::
 
     description = "..."
     judge = "openrouter/deepseek/deepseek-v4-pro"
-    judge_fallbacks = ["openrouter/google/gemini-3-flash"]     # optional
+    judge_fallbacks = ["openrouter/google/gemini-3-flash-preview"]     # optional
     panel = [
-      { model = "openrouter/google/gemini-3-flash", temperature = 0.7, seed = 1,
+      { model = "openrouter/google/gemini-3-flash-preview", temperature = 0.7, seed = 1,
         fallbacks = ["openrouter/google/gemini-2.5-flash"] },  # optional, tried in order
       ...
     ]
@@ -22,14 +22,20 @@ seeds and temperatures) judged by the same model. A preset file::
     panel_max_tokens = 1024
     analysis_max_tokens = 2048
     synthesis_max_tokens = 2048
+    max_completion_tokens = 16384 # cap of every inner call (panel and judge), reasoning included
     analysis_items = 5            # entries per list in the analysis
     analysis_chars = 300          # characters per text in the analysis
+
+    [reasoning]                   # optional, sent to the models that support it
+    effort = "low"                # xhigh, high, medium, low, minimal, none
+    max_tokens = 2048             # reasoning tokens per call
 
     [tools]                       # optional: what panel members may call
     enabled = true
     allow = ["web_search", "web_fetch"]   # default: every configured tool
-    max_tool_calls = 8            # per member, at most 16
+    max_tool_calls = 8            # per member (and the judge), at most 16
     first_call = "auto"           # "required": search before answering
+    judge = true                  # the judge may check claims with the tools before its analysis
 
     [prompts]                     # optional, template overrides, paths relative to this file
     synthesis = "my_synthesis.j2"
@@ -49,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from openfusion.errors import ConfigError
 from openfusion.settings import Settings, describe_validation_error
+from openfusion.types import Effort, Reasoning
 
 MAX_PANEL = 8
 SELF_SAMPLES = ((0.7, 1), (0.9, 2), (1.1, 3))  # (temperature, seed) per sample of self:<model>
@@ -61,6 +68,8 @@ class Limits(BaseModel):
     panel_max_tokens: int | None = Field(None, gt=0)
     analysis_max_tokens: int | None = Field(None, gt=0)
     synthesis_max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    """A cap on every inner call (panel and judge), reasoning tokens included."""
     analysis_items: int = Field(5, gt=0, le=20)
     """At most this many entries in each list of the judge's analysis."""
     analysis_chars: int = Field(300, gt=0)
@@ -81,6 +90,22 @@ class ToolUse(BaseModel):
     max_tool_calls: int = Field(8, ge=0, le=MAX_TOOL_CALLS)
     first_call: Literal["auto", "required"] = "auto"
     """``required``: members must search before they answer (for models that would not)."""
+    judge: bool = False
+    """The judge may use the tools too, to check the panel's claims before its analysis."""
+
+
+class ReasoningConfig(BaseModel):
+    """``reasoning`` sent to the preset's models that support it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    effort: Effort | None = None
+    max_tokens: int | None = Field(None, gt=0)
+
+    def to_reasoning(self) -> Reasoning | None:
+        if self.effort is None and self.max_tokens is None:
+            return None
+        return Reasoning(self.effort, self.max_tokens)
 
 
 class _Slot(BaseModel):
@@ -115,6 +140,7 @@ class _PresetFile(BaseModel):
     policy: PanelPolicy = Field(default_factory=PanelPolicy)
     tools: ToolUse = Field(default_factory=ToolUse)
     limits: Limits = Field(default_factory=Limits)
+    reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     prompts: dict[str, str] = Field(default_factory=dict)
 
 
@@ -143,6 +169,8 @@ class Preset:
     judge_fallbacks: tuple[str, ...] = ()
     policy: PanelPolicy = field(default_factory=PanelPolicy)
     tools: ToolUse = field(default_factory=ToolUse)
+    reasoning: Reasoning | None = None
+    """Sent to the panel and judge models that support it."""
 
     @property
     def judges(self) -> tuple[str, ...]:
@@ -218,5 +246,6 @@ def _parse(name: str, text: str, where: str, base_dir: Path | None) -> Preset:
         judge_fallbacks=tuple(data.judge_fallbacks),
         policy=data.policy,
         tools=data.tools,
+        reasoning=data.reasoning.to_reasoning(),
         prompts={k: (base_dir or Path()) / v for k, v in data.prompts.items()},
     )

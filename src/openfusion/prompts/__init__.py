@@ -3,10 +3,12 @@
 Templates and the variables they receive:
 
 - ``panel_system``: ``question``, ``member_index`` (0-based), ``panel_size``
-- ``judge_analysis``: ``question``, ``responses`` (list of ``{label, content}``), ``labels``
+- ``judge_analysis``: ``question``, ``responses`` (list of ``{label, content}``), ``labels``,
+  ``tools`` (names of the tools the judge may call; empty when none)
 - ``synthesis``: ``question``, ``responses``, ``analysis`` (dict or None), ``analysis_json``
-- ``local_fewshot``: ``messages`` (list of ``{role, content}``): the local base model's view
-  of a chat
+- ``fusion_tool``: ``panel_size``: the description of the caller tier's ``fusion`` tool
+- ``local_fewshot``: ``messages`` (list of ``{role, content, tool_calls, tool_names}``),
+  ``tools``: the local base model's view of a chat
 - ``eval_question``: ``prompt``, ``choices`` (list of ``{letter, text}``): an eval item as asked
 - ``eval_rubric``: ``question``, ``answer``, ``criteria`` (list of ``{id, text}``): the rubric
   grader's prompt
@@ -30,6 +32,7 @@ TEMPLATE_NAMES = (
     "judge_analysis",
     "synthesis",
     "local_fewshot",
+    "fusion_tool",
     "eval_question",
     "eval_rubric",
 )

@@ -23,20 +23,22 @@ Other GGUF files can be served too::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any
 
 from openfusion.errors import ConfigError, ProviderError, UpstreamError
 from openfusion.prompts import PromptSet
+from openfusion.providers.base import HONOURS_ALL, collect
 from openfusion.settings import ProviderConfig, Settings
 from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, ToolSpec, Usage
 
@@ -76,6 +78,9 @@ _EXTRA_HINT = (
 
 class LocalProvider:
     supports_json_schema = True
+    honours = HONOURS_ALL - {"reasoning"}
+    """A base model does not reason before it answers; ``user`` and ``parallel_tool_calls``
+    need nothing done (nobody monitors an in-process model; it makes one call per turn)."""
 
     def __init__(
         self,
@@ -96,19 +101,26 @@ class LocalProvider:
         self._grammars: dict[str, Any] = {}
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        parts: list[str] = []
-        usage = Usage()
-        finish: str | None = None
-        async for chunk in self.stream(request):
-            parts.append(chunk.delta)
-            usage = chunk.usage or usage
-            finish = chunk.finish_reason or finish
-        text = "".join(parts).strip()
-        if _offers_tools(request):
-            return _tool_reply(text, usage, request.model)
-        return Completion(text, usage, request.model, finish)
+        completion = await collect(self.stream(request), request.model)
+        return dataclasses.replace(completion, content=completion.content.strip())
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        """Token by token; offered tools, the model writes JSON, so the reply comes whole
+        (its text, or its tool call) once it is parsed."""
+        if not _offers_tools(request):
+            async with aclosing(self._tokens(request)) as tokens:  # closing it stops the worker
+                async for chunk in tokens:
+                    yield chunk
+            return
+        written = await collect(self._tokens(request), request.model)
+        reply = _tool_reply(written.content.strip(), written.usage, request.model)
+        if reply.content:
+            yield Chunk(delta=reply.content)
+        yield Chunk(
+            usage=reply.usage, finish_reason=reply.finish_reason, tool_calls=reply.tool_calls
+        )
+
+    async def _tokens(self, request: CompletionRequest) -> AsyncGenerator[Chunk, None]:
         if request.model not in self._models:
             known = ", ".join(self._models)
             raise UpstreamError(
@@ -151,6 +163,7 @@ class LocalProvider:
                 "role": m.role,
                 "content": m.content,
                 "tool_calls": [_call_json(c.name, c.arguments) for c in m.tool_calls],
+                "tool_names": [c.name for c in m.tool_calls],
             }
             for m in request.messages
         ]
@@ -175,11 +188,21 @@ class LocalProvider:
             else request.temperature,
             "stream": True,
         }
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        schema = request.json_schema
+        sampling = {
+            "seed": request.seed,
+            "top_p": request.top_p,
+            "frequency_penalty": request.frequency_penalty,
+            "presence_penalty": request.presence_penalty,
+        }
+        kwargs.update({k: v for k, v in sampling.items() if v is not None})
+        schema = request.json_schema or _response_schema(request.response_format)
         if tools:
-            schema = _tool_choice_schema(tools, required=request.tool_choice == "required")
+            choice = request.tool_choice
+            named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+            if named is not None:  # one tool by name: that one, called
+                tools = tuple(t for t in tools if t.name == named) or tools
+            required = choice == "required" or named is not None
+            schema = _tool_choice_schema(tools, required=required, answer=schema)
         if schema is not None:
             kwargs["grammar"] = self._grammar(schema)
         else:
@@ -246,10 +269,27 @@ def _call_json(name: str, arguments: str) -> str:
     return json.dumps({"tool": name, "arguments": parsed})
 
 
-def _tool_choice_schema(tools: Sequence[ToolSpec], *, required: bool) -> dict[str, Any]:
+def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema a client's ``response_format`` asks for (any object for
+    ``json_object``); ``None`` for text."""
+    if response_format is None:
+        return None
+    if response_format.get("type") == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if response_format.get("type") == "json_schema":
+        return schema if isinstance(schema, dict) else {"type": "object"}
+    return None
+
+
+def _tool_choice_schema(
+    tools: Sequence[ToolSpec], *, required: bool, answer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """JSON the base model must write when it is offered tools: a call to one of them, or
-    (unless a call is required) an answer. String arguments are kept short: a small model
-    otherwise rambles inside them until it runs out of tokens."""
+    (unless a call is required) an answer — matching ``answer`` when the answer must be JSON
+    itself. String arguments are kept short: a small model otherwise rambles inside them until
+    it runs out of tokens."""
     options: list[dict[str, Any]] = [
         {
             "type": "object",
@@ -259,8 +299,8 @@ def _tool_choice_schema(tools: Sequence[ToolSpec], *, required: bool) -> dict[st
         for t in tools
     ]
     if not required:
-        answer = {"answer": {"type": "string", "maxLength": 600}}
-        options.append({"type": "object", "properties": answer, "required": ["answer"]})
+        reply = {"answer": answer or {"type": "string", "maxLength": 600}}
+        options.append({"type": "object", "properties": reply, "required": ["answer"]})
     return {"anyOf": options}
 
 
@@ -286,8 +326,9 @@ def _tool_reply(text: str, usage: Usage, model: str) -> Completion:
         arguments = json.dumps(data.get("arguments") or {})
         call = ToolCall(f"call_{abs(hash((text, model))) % 10**8}", data["tool"], arguments)
         return Completion("", usage, model, "tool_calls", tool_calls=(call,))
-    answer = data.get("answer") if isinstance(data, dict) else None
-    return Completion(answer if isinstance(answer, str) else text, usage, model, "stop")
+    answer = data.get("answer", text) if isinstance(data, dict) else text
+    content = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+    return Completion(content, usage, model, "stop")
 
 
 @functools.cache  # once per process; the cache also keeps the callback alive for ctypes

@@ -25,6 +25,7 @@ from openfusion.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from openfusion.providers.base import HONOURS_ALL, ToolCallJoiner
 from openfusion.settings import ProviderConfig, Settings, Timeouts
 from openfusion.types import Chunk, Completion, CompletionRequest, Message, ToolCall, Usage
 
@@ -49,6 +50,7 @@ def create(name: str, config: ProviderConfig, settings: Settings) -> OpenAICompa
         headers=config.headers,
         timeouts=settings.timeouts,
         supports_json_schema=bool(config.options.get("json_schema", True)),
+        reasoning_param=str(config.options.get("reasoning_param", "reasoning")),
     )
 
 
@@ -62,9 +64,20 @@ class OpenAICompatProvider:
         headers: dict[str, str],
         timeouts: Timeouts,
         supports_json_schema: bool = True,
+        reasoning_param: str = "reasoning",
     ) -> None:
+        """``reasoning_param``: how the upstream takes ``reasoning``: ``"reasoning"`` (the
+        object ``{effort, max_tokens}``, as OpenRouter) or ``"reasoning_effort"`` (OpenAI's
+        flat effort; a token budget cannot be expressed, so it is not honoured)."""
+        if reasoning_param not in ("reasoning", "reasoning_effort"):
+            raise ConfigError(
+                f"provider {name!r}: options.reasoning_param must be 'reasoning' or "
+                f"'reasoning_effort', not {reasoning_param!r}"
+            )
         self.name = name
         self.supports_json_schema = supports_json_schema
+        self.honours = HONOURS_ALL
+        self._reasoning_param = reasoning_param
         self._base_url = base_url.rstrip("/")
         self._url = self._base_url + "/chat/completions"
         self._api_key = api_key
@@ -87,6 +100,7 @@ class OpenAICompatProvider:
         usage: Usage | None = None
         finish_reason: str | None = None
         done = False
+        calls = ToolCallJoiner()
         with self._translate_errors(request.model):
             async with self._post(request, stream=True) as resp:
                 await self._check_status(resp, request.model)
@@ -95,7 +109,11 @@ class OpenAICompatProvider:
                     completion = self._parse_completion(data, request.model)
                     if completion.content:
                         yield Chunk(delta=completion.content)
-                    yield Chunk(usage=completion.usage, finish_reason=completion.finish_reason)
+                    yield Chunk(
+                        usage=completion.usage,
+                        finish_reason=completion.finish_reason,
+                        tool_calls=completion.tool_calls,
+                    )
                     return
                 async with aclosing(_sse_data(resp.content)) as events:
                     async for event in events:
@@ -106,7 +124,7 @@ class OpenAICompatProvider:
                         self._raise_for_error_object(data, request.model)
                         if isinstance(data.get("usage"), dict):
                             usage = _parse_usage(data["usage"])
-                        delta, reason = _stream_choice(data)
+                        delta, reason = _stream_choice(data, calls)
                         finish_reason = reason or finish_reason
                         if delta:
                             yield Chunk(delta=delta)
@@ -115,7 +133,11 @@ class OpenAICompatProvider:
                 f"{self._label(request.model)}: stream ended early, without a finish_reason "
                 "or [DONE]; the upstream dropped the answer, retry the call"
             )
-        yield Chunk(usage=usage or Usage(cost=None), finish_reason=finish_reason)
+        yield Chunk(
+            usage=usage or Usage(cost=None, reported=False),
+            finish_reason=finish_reason,
+            tool_calls=calls.calls(),
+        )
 
     async def list_models(self) -> dict[str, Any]:
         """The upstream's ``GET /models`` body (OpenRouter's carries prices)."""
@@ -175,17 +197,30 @@ class OpenAICompatProvider:
                 }
                 for t in request.tools
             ]
+            if request.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = request.parallel_tool_calls
         if request.tool_choice is not None:
             body["tool_choice"] = request.tool_choice
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            body["max_tokens"] = request.max_tokens
-        if request.seed is not None:
-            body["seed"] = request.seed
-        if request.stop:
-            body["stop"] = list(request.stop)
-        if request.json_schema is not None and self.supports_json_schema:
+        optional = {
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+            "seed": request.seed,
+            "stop": list(request.stop) or None,
+            "top_p": request.top_p,
+            "frequency_penalty": request.frequency_penalty,
+            "presence_penalty": request.presence_penalty,
+            "user": request.user,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if request.reasoning is not None:
+            if self._reasoning_param == "reasoning_effort":
+                if request.reasoning.effort is not None:
+                    body["reasoning_effort"] = request.reasoning.effort
+            else:
+                body["reasoning"] = request.reasoning.to_dict()
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
+        elif request.json_schema is not None and self.supports_json_schema:
             # Not "strict": strict mode rejects bounds such as maxLength on some upstreams, and
             # the engine validates the answer against the schema anyway.
             body["response_format"] = {
@@ -255,7 +290,9 @@ class OpenAICompatProvider:
         usage = data.get("usage")
         return Completion(
             content=content or "",
-            usage=_parse_usage(usage) if isinstance(usage, dict) else Usage(cost=None),
+            usage=_parse_usage(usage)
+            if isinstance(usage, dict)
+            else Usage(cost=None, reported=False),
             model=model,
             finish_reason=_str_or_none(choice.get("finish_reason")),
             tool_calls=_tool_calls(message.get("tool_calls")),
@@ -368,11 +405,14 @@ def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
     return choice if isinstance(choice, dict) else {}
 
 
-def _stream_choice(data: dict[str, Any]) -> tuple[str, str | None]:
-    """(content delta, finish_reason) of a streamed chunk; a usage-only chunk has neither."""
+def _stream_choice(data: dict[str, Any], calls: ToolCallJoiner) -> tuple[str, str | None]:
+    """(content delta, finish_reason) of a streamed chunk; a usage-only chunk has neither.
+    Pieces of tool calls go to ``calls``."""
     choice = _first_choice(data)
     delta = choice.get("delta")
     content = delta.get("content") if isinstance(delta, dict) else None
+    if isinstance(delta, dict) and "tool_calls" in delta:
+        calls.add(delta["tool_calls"])
     return (content if isinstance(content, str) else ""), _str_or_none(choice.get("finish_reason"))
 
 

@@ -1,8 +1,8 @@
 """Resolves ``provider/model`` ids to a provider instance and the provider's own model name.
 
-``openrouter/google/gemini-3-flash`` → provider ``openrouter`` (an ``openai_compat`` adapter),
-model ``google/gemini-3-flash``. The adapter for a provider is picked by its config's ``type``
-through a table of factories, never by testing names.
+``openrouter/google/gemini-3-flash-preview`` → provider ``openrouter`` (an ``openai_compat``
+adapter), model ``google/gemini-3-flash-preview``. The adapter for a provider is picked by its
+config's ``type`` through a table of factories, never by testing names.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ModelRef:
         if not sep or not provider or not model:
             raise ConfigError(
                 f"model id {model_id!r} must look like 'provider/model', "
-                "e.g. 'openrouter/google/gemini-3-flash' or 'local/gemma-3-270m'"
+                "e.g. 'openrouter/google/gemini-3-flash-preview' or 'local/gemma-3-270m'"
             )
         return cls(provider, model)
 

@@ -16,7 +16,6 @@ one scripted judge serves any number of fusions.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from openfusion.errors import ConfigError, UpstreamError
-from openfusion.providers.base import collect
+from openfusion.providers.base import HONOURS_ALL, collect
 from openfusion.settings import ProviderConfig, Settings
 from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, Usage
 
@@ -42,7 +41,9 @@ class Step:
     cost: float | None = 0.0
     reasoning_tokens: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
-    """Calls the model makes (``complete`` only), e.g. ``ToolCall("c1", "fusion", "{}")``."""
+    """Calls the model makes, e.g. ``ToolCall("c1", "fusion", "{}")`` (on the last chunk)."""
+    reported: bool = True
+    """False: the answer comes without usage, as from an upstream that reports none."""
 
 
 StepSource = Step | Sequence[Step] | Callable[[CompletionRequest], Step]
@@ -52,6 +53,7 @@ StepSource = Step | Sequence[Step] | Callable[[CompletionRequest], Step]
 class ScriptedProvider:
     script: Mapping[str, StepSource]
     supports_json_schema: bool = True
+    honours: frozenset[str] = HONOURS_ALL
     calls: list[CompletionRequest] = field(default_factory=list)
     """Every request received, in order (tests read the prompts the engine sent)."""
     _played: dict[str, int] = field(default_factory=dict)
@@ -72,22 +74,17 @@ class ScriptedProvider:
         return source[min(index, len(source) - 1)]
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        steps: list[Step] = []
-        completion = await collect(self._play(request, steps.append), request.model)
-        return dataclasses.replace(completion, tool_calls=steps[0].tool_calls)
+        return await collect(self._play(request), request.model)
 
     def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
-        return self._play(request, lambda step: None)
+        return self._play(request)
 
-    async def _play(
-        self, request: CompletionRequest, played: Callable[[Step], None]
-    ) -> AsyncIterator[Chunk]:
+    async def _play(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         step = self._next_step(request)
-        played(step)
         await asyncio.sleep(step.delay)
         if step.status is not None:
             raise UpstreamError(step.error, status=step.status)
-        words = step.content.split(" ")
+        words = step.content.split(" ") if step.content else []
         for i, word in enumerate(words):
             if i and step.chunk_delay:
                 await asyncio.sleep(step.chunk_delay)
@@ -99,7 +96,10 @@ class ScriptedProvider:
             reasoning_tokens=step.reasoning_tokens,
             cost=step.cost,
         )
-        yield Chunk(usage=usage, finish_reason="stop")
+        if not step.reported:
+            usage = Usage(cost=None, reported=False)
+        finish = "tool_calls" if step.tool_calls else "stop"
+        yield Chunk(usage=usage, finish_reason=finish, tool_calls=step.tool_calls)
 
     async def aclose(self) -> None:
         return None

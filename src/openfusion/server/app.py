@@ -13,9 +13,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -23,13 +24,15 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from openfusion.engine import DEPTH_HEADER, ToolEvent
+from openfusion.cost import Price
+from openfusion.engine import DEPTH_HEADER, FusionCallEvent, ToolEvent
 from openfusion.engine.trace import RunStart
 from openfusion.errors import ConfigError
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
 from openfusion.server.auth import BearerAuth
 from openfusion.server.completions import (
+    FLASH_ALIAS,
     FUSION_ALIAS,
     FUSION_PREFIX,
     Completions,
@@ -52,7 +55,21 @@ from openfusion.types import Usage
 log = logging.getLogger("openfusion.server")
 
 DEPTH_HEADERS = (DEPTH_HEADER, "x-openfusion-depth")
-SUPPORTED_PARAMETERS = ["temperature", "max_tokens", "seed", "stop", "tools", "tool_choice"]
+SAMPLING_PARAMETERS = [
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "max_tokens",
+    "seed",
+    "stop",
+    "response_format",
+    "reasoning",
+    "user",
+]
+SUPPORTED_PARAMETERS = [*SAMPLING_PARAMETERS, "tools", "tool_choice", "parallel_tool_calls"]
+FUSION_PARAMETERS = [*SAMPLING_PARAMETERS, "plugins"]
+M = TypeVar("M", bound=BaseModel)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -60,7 +77,43 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(error: APIError) -> Response:
-    return Response(error.encode(), error.status, media_type="application/json")
+    return Response(error.encode(), error.status, error.headers, media_type="application/json")
+
+
+@dataclass
+class Started:
+    """A request whose run has been planned: its outputs, and what it is recorded under."""
+
+    outputs: AsyncIterator[Output]
+    metered: MeteredRun
+    generation_id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Generation-Id": self.generation_id}
+
+
+@dataclass
+class Collected:
+    """A whole run: the answer's pieces, the fusion calls it made, and its end."""
+
+    texts: list[str]
+    final: Final
+    calls: list[FusionCallEvent]
+
+
+class Renderer(Protocol):
+    """How one API writes a run as server-sent events."""
+
+    def head(self) -> bytes: ...
+
+    def render(self, item: Output) -> bytes: ...
+
+    def error(self, error: APIError) -> bytes: ...
+
+    def tail(self) -> bytes: ...
 
 
 class Server:
@@ -79,37 +132,14 @@ class Server:
         self.runs = RunsAPI(store.runs)
 
     async def chat(self, request: Request) -> Response:
-        body = self._parse(await self._read_body(request))
-        depth = _depth(request)
-        key = getattr(request.state, "api_key", None)
-        key_id: str | None = key.id if key is not None else None
-        generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
-        # A key with a budget holds part of it first; the run may spend no more than that.
-        run = await self.metering.start(key_id, generation_id, body.max_cost)
-        try:
-            if run.reservation is not None:
-                body = body.model_copy(update={"max_cost": run.reservation.amount})
-            log = run.record(_run_start(body, generation_id, key_id, run))
-            outputs = self.completions.plan(body, depth, log)
-        except BaseException:
-            run.discard()  # refused before it ran: no run to keep
-            await run.settle()
-            raise
-        created = int(time.time())
-        headers = {"X-Generation-Id": generation_id}
+        body = _validated(ChatCompletionRequest, await self._read_body(request))
+        started = await self.start(request, body)
         if body.stream:
-            encoder = ChunkEncoder(generation_id, body.model, created)
-            stream = self._sse(outputs, encoder, generation_id, run)
-            headers["Cache-Control"] = "no-cache"
-            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        try:
-            texts, final = await _until_disconnect(request, _collect(outputs, run))
-        except APIError as exc:
-            run.fail(exc)
-            raise
-        finally:
-            await run.settle()
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+            stream = self.sse(started, ChatRenderer(started, body.model))
+            return event_stream(stream, started.headers)
+        whole = await self.collect(request, started)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(whole.texts)}
+        final = whole.final
         if final.annotations:
             message["annotations"] = list(final.annotations)
         if final.tool_calls:
@@ -122,54 +152,88 @@ class Server:
                 for c in final.tool_calls
             ]
         data = {
-            "id": generation_id,
+            "id": started.generation_id,
             "object": "chat.completion",
-            "created": created,
+            "created": started.created,
             "model": body.model,
             "choices": [{"index": 0, "message": message, "finish_reason": final.finish_reason}],
-            "usage": _usage(final),
+            "usage": usage_dict(final),
         }
         if final.fusion is not None:
             data["fusion"] = final.fusion
-        return json_response(data, headers=headers)
+        return json_response(data, headers=started.headers)
 
-    async def _sse(
-        self,
-        outputs: AsyncIterator[Output],
-        encoder: ChunkEncoder,
-        generation_id: str,
-        run: MeteredRun,
-    ) -> AsyncIterator[bytes]:
-        spent = Usage()
+    async def responses(self, request: Request) -> Response:
+        from openfusion.server.responses import ResponsesRequest, ResponseStream, response_body
+
+        body = _validated(ResponsesRequest, await self._read_body(request))
+        chat = body.to_chat()
+        started = await self.start(request, chat)
+        if body.stream:
+            stream = self.sse(started, ResponseStream(started, body))
+            return event_stream(stream, started.headers)
+        whole = await self.collect(request, started)
+        return json_response(response_body(started, body, whole), headers=started.headers)
+
+    async def start(self, request: Request, body: ChatCompletionRequest) -> Started:
+        """Plan the run (a bad request raises its ``APIError`` here, before any byte is sent),
+        holding part of the key's budget first: the run may spend no more than that. The run
+        is recorded from here on under its generation id."""
+        depth = _depth(request)
+        key = getattr(request.state, "api_key", None)
+        key_id: str | None = key.id if key is not None else None
+        generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
+        metered = await self.metering.start(key_id, generation_id, body.max_cost)
         try:
-            yield encoder.role()
-            async for item in with_keepalive(outputs, self.settings.server.keepalive_seconds):
-                run.see(item)
+            if metered.reservation is not None:
+                body = body.model_copy(update={"max_cost": metered.reservation.amount})
+            log = metered.record(_run_start(body, generation_id, key_id, metered))
+            outputs = self.completions.plan(body, depth, log)
+        except BaseException:
+            metered.discard()  # refused before it ran: no run to keep
+            await metered.settle()
+            raise
+        return Started(outputs, metered, generation_id, body.model)
+
+    async def collect(self, request: Request, started: Started) -> Collected:
+        """The whole run (cancelled if the client goes away), settled."""
+        try:
+            whole: Collected = await _until_disconnect(
+                request, _collect(started.outputs, started.metered)
+            )
+        except APIError as exc:  # its run and spend are on record under this id
+            started.metered.fail(exc)
+            exc.headers.update(started.headers)
+            raise
+        finally:
+            await started.metered.settle()
+        return whole
+
+    async def sse(self, started: Started, renderer: Renderer) -> AsyncIterator[bytes]:
+        """The run as server-sent events, kept alive while it thinks; an error after the
+        status line went out travels as an event."""
+        try:
+            yield renderer.head()
+            keepalive = self.settings.server.keepalive_seconds
+            async for item in with_keepalive(started.outputs, keepalive):
+                started.metered.see(item)
                 if item is None:
                     yield KEEPALIVE
-                elif isinstance(item, Text):
-                    yield encoder.text(item.delta)
-                elif isinstance(item, Progress):
-                    if not isinstance(item.event, ToolEvent):  # tools count in their member
-                        spent += item.event.usage or Usage()
-                    yield progress(item.event, spent.cost)
-                else:
-                    if item.tool_calls:
-                        yield encoder.tool_calls(item.tool_calls)
-                    extra = {"fusion": item.fusion} if item.fusion is not None else {}
-                    delta = {"annotations": list(item.annotations)} if item.annotations else None
-                    yield encoder.final(item.finish_reason, _usage(item), extra, delta)
+                    continue
+                data = renderer.render(item)
+                if data:
+                    yield data
         except APIError as exc:
-            run.fail(exc)
-            yield encoder.error(exc)
+            started.metered.fail(exc)
+            yield renderer.error(exc)
         except Exception:  # the status line is gone: the error has to travel as an event
-            log.exception("stream %s failed", generation_id)
+            log.exception("stream %s failed", started.generation_id)
             error = APIError(500, "internal error; see the server log")
-            run.fail(error)
-            yield encoder.error(error)
+            started.metered.fail(error)
+            yield renderer.error(error)
         finally:  # also when the client went away (the stream is cancelled or closed)
-            await run.settle()
-        yield DONE
+            await started.metered.settle()
+        yield renderer.tail()
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.server.max_body_bytes
@@ -186,30 +250,17 @@ class Server:
             raise APIError(400, "the client went away while sending the body") from exc
         return bytes(body)
 
-    @staticmethod
-    def _parse(raw: bytes) -> ChatCompletionRequest:
-        if not raw.strip():
-            raise APIError(400, "empty request body: send a JSON chat completion request")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:
-            return ChatCompletionRequest.model_validate(data)
-        except ValidationError as exc:
-            raise from_validation(exc) from exc
-
     async def models(self, request: Request) -> Response:
         try:
             presets = list_presets(self.settings)
         except ConfigError as exc:
             raise APIError(500, f"server configuration: {exc}") from exc
         entries = [_fusion_entry(FUSION_ALIAS, "Fusion (default preset)")]
+        entries.append(_fusion_entry(FLASH_ALIAS, "Fusion, fast preset"))
         entries += [_fusion_entry(f"{FUSION_PREFIX}{p.name}", p.description) for p in presets]
         seen = sorted({m for p in presets for m in (p.judge, *(s.model for s in p.panel))})
-        entries += [_model_entry(model_id) for model_id in seen]
+        prices = self.completions.caller.prices
+        entries += [_model_entry(model_id, prices.price(model_id)) for model_id in seen]
         return json_response({"object": "list", "data": entries})
 
     async def generation(self, request: Request) -> Response:
@@ -225,25 +276,67 @@ class Server:
         return json_response({"status": "ok"})
 
 
+class ChatRenderer:
+    """A run as chat completion chunks; progress as SSE comments."""
+
+    def __init__(self, started: Started, model: str) -> None:
+        self.encoder = ChunkEncoder(started.generation_id, model, started.created)
+        self.spent = Usage()
+
+    def head(self) -> bytes:
+        return self.encoder.role()
+
+    def render(self, item: Output) -> bytes:
+        if isinstance(item, Text):
+            return self.encoder.text(item.delta)
+        if isinstance(item, Progress):
+            if isinstance(item.event, FusionCallEvent):
+                return b""
+            if not isinstance(item.event, ToolEvent):  # tools count in their member
+                self.spent += item.event.usage or Usage()
+            return progress(item.event, self.spent.cost)
+        if isinstance(item, Final):
+            calls = self.encoder.tool_calls(item.tool_calls) if item.tool_calls else b""
+            extra = {"fusion": item.fusion} if item.fusion is not None else {}
+            delta = {"annotations": list(item.annotations)} if item.annotations else None
+            return calls + self.encoder.final(item.finish_reason, usage_dict(item), extra, delta)
+        return b""
+
+    def error(self, error: APIError) -> bytes:
+        return self.encoder.error(error)
+
+    def tail(self) -> bytes:
+        return DONE
+
+
 def _fusion_entry(model_id: str, description: str) -> dict[str, Any]:
+    """A fusion model: priced as the sum of its inner calls, so variable (OpenRouter's
+    ``"-1"``); ``usage.cost`` of each response says what it cost."""
     return {
         "id": model_id,
         "name": model_id,
         "description": description,
         "context_length": None,
         "pricing": {"prompt": "-1", "completion": "-1", "request": "0"},
-        "supported_parameters": ["temperature", "plugins", "tools"],
+        "supported_parameters": FUSION_PARAMETERS,
     }
 
 
-def _model_entry(model_id: str) -> dict[str, Any]:
-    free = model_id.startswith("local/")
-    price = "0" if free else "-1"  # -1: not known here (the price catalog comes later)
+def _model_entry(model_id: str, price: Price | None) -> dict[str, Any]:
+    """A panel or judge model, with its price in OpenRouter's form: USD per token, as
+    strings (``"-1"`` only when no price is known: add it to prices.toml)."""
+    pricing = {"prompt": "-1", "completion": "-1", "request": "0"}
+    if price is not None:
+        pricing = {
+            "prompt": per_token(price.prompt),
+            "completion": per_token(price.completion),
+            "request": per_token(price.request),
+        }
     return {
         "id": model_id,
         "name": model_id,
         "context_length": None,
-        "pricing": {"prompt": price, "completion": price, "request": "0"},
+        "pricing": pricing,
         "supported_parameters": SUPPORTED_PARAMETERS,
     }
 
@@ -251,7 +344,8 @@ def _model_entry(model_id: str) -> dict[str, Any]:
 def _run_start(
     body: ChatCompletionRequest, generation_id: str, key_id: str | None, run: MeteredRun
 ) -> RunStart:
-    """What the request's run record starts with (its kind is set when it is planned)."""
+    """What the request's run record starts with (its kind is set when it is planned); its
+    options (``metadata`` among them) are kept with it."""
     options = body.model_dump(mode="json", exclude={"messages"}, exclude_none=True)
     return RunStart(
         id=generation_id,
@@ -265,10 +359,38 @@ def _run_start(
     )
 
 
-def _usage(final: Final) -> dict[str, Any]:
+def per_token(usd: float) -> str:
+    """A price as OpenRouter writes it: plain decimal, no exponent (``"0.0000025"``)."""
+    text = f"{usd:.12f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def usage_dict(final: Final) -> dict[str, Any]:
     usage = final.usage.to_dict()
     usage["cost_details"] = final.cost_details
     return usage
+
+
+def event_stream(stream: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(
+        stream, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+    )
+
+
+def _validated(model: type[M], raw: bytes) -> M:
+    """The request body as ``model``, or a 400 that names what is wrong."""
+    if not raw.strip():
+        raise APIError(400, "empty request body: send a JSON object")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
 
 
 def _depth(request: Request) -> int:
@@ -281,17 +403,20 @@ def _depth(request: Request) -> int:
     return 0
 
 
-async def _collect(outputs: AsyncIterator[Output], run: MeteredRun) -> tuple[list[str], Final]:
+async def _collect(outputs: AsyncIterator[Output], run: MeteredRun) -> Collected:
     texts: list[str] = []
+    calls: list[FusionCallEvent] = []
     final: Final | None = None
     async for item in outputs:
         run.see(item)
         if isinstance(item, Text):
             texts.append(item.delta)
+        elif isinstance(item, Progress) and isinstance(item.event, FusionCallEvent):
+            calls.append(item.event)
         elif isinstance(item, Final):
             final = item
     assert final is not None
-    return texts, final
+    return Collected(texts, final, calls)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
@@ -372,6 +497,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", handle(server.chat), methods=["POST"]),
+            Route("/v1/responses", handle(server.responses), methods=["POST"]),
             Route("/v1/models", handle(server.models), methods=["GET"]),
             Route("/v1/generation", handle(server.generation), methods=["GET"]),
             Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),

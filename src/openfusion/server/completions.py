@@ -1,23 +1,23 @@
-"""``POST /v1/chat/completions``: choose what the request asks for, and run it.
+"""Choose what a request asks for, and run it: the planning both APIs share.
 
-Four ways a request is answered, each an async iterator of ``Output``s so that JSON and SSE
-responses are two renderings of one run:
+``POST /v1/chat/completions`` and ``POST /v1/responses`` (which first turns its body into a
+chat completions body) are answered by the same run, an async iterator of ``Output``s, so that
+JSON and SSE responses of either API are renderings of one run:
 
-- fusion model (``openfusion/<preset>``, alias ``openrouter/fusion``): panel → analysis → answer;
+- fusion model (``openfusion/<preset>``, aliases ``openrouter/fusion`` for the default preset
+  and ``openrouter/fusion-flash`` for ``fast``): panel → analysis → answer;
 - caller tier (``plugins: [{"id": "fusion"}]`` or ``tools: [{"type": "openrouter:fusion"}]``):
-  the request's model is offered a ``fusion`` tool, gets the analysis and panel answers as the
-  tool result, and writes the answer;
+  the engine's caller tier with the request's model (``models`` are its fallbacks);
 - at the maximum fusion depth, a fusion request is one plain call to its judge (loop guard);
 - anything else: a plain call, with ``models`` as fallbacks.
 
-Everything that can be checked is checked in ``plan`` (unknown model, preset, missing key), so a
-bad request is a 400 even when it asked for a stream.
+Everything that can be checked is checked in ``plan`` (unknown model, preset, missing key, a
+field the model cannot honour), so a bad request is a 400 even when it asked for a stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from openfusion.engine import (
     AnswerDelta,
     Done,
     Fusion,
+    FusionCallEvent,
+    FusionEvent,
     FusionResult,
     MemberEvent,
     StageEvent,
@@ -35,6 +37,7 @@ from openfusion.engine import (
 )
 from openfusion.engine.budget import Budget
 from openfusion.engine.fusion import configured_tools
+from openfusion.engine.options import RunOptions
 from openfusion.engine.policy import Caller
 from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import CallObserver, ModelCallEvent, RunKind, Stage
@@ -42,27 +45,18 @@ from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
 from openfusion.presets import Preset, load_preset
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
-from openfusion.server.errors import APIError, from_provider
+from openfusion.providers.base import refused_fields
+from openfusion.server.errors import APIError, from_provider, upstream_status
 from openfusion.server.schema import ChatCompletionRequest, FusionParams
 from openfusion.settings import Settings
 from openfusion.tools import ToolRegistry
 from openfusion.types import CompletionRequest, Message, ToolCall, ToolSpec, Usage
 
 FUSION_ALIAS = "openrouter/fusion"
+FLASH_ALIAS = "openrouter/fusion-flash"
 FUSION_PREFIX = "openfusion/"
-FUSION_TOOL = ToolSpec(
-    name="fusion",
-    description=(
-        "Ask a panel of independent models the question and get back a judge's analysis of "
-        "their answers (consensus, contradictions, partial coverage, unique insights, blind "
-        "spots) and the answers themselves. Use it for questions that deserve deliberation."
-    ),
-    parameters={
-        "type": "object",
-        "properties": {"prompt": {"type": "string", "description": "The question to deliberate."}},
-        "required": ["prompt"],
-    },
-)
+ALIASES: dict[str, str | None] = {FUSION_ALIAS: None, FLASH_ALIAS: "fast"}
+"""Fusion model ids that name no preset themselves: → the preset (``None``: the default)."""
 PANEL_FAILURE_STATUS = {"rate_limited": 429, "insufficient_credits": 402}
 
 
@@ -73,7 +67,7 @@ class Text:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    event: MemberEvent | StageEvent | ToolEvent
+    event: MemberEvent | StageEvent | ToolEvent | FusionCallEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +86,15 @@ Output = Text | Progress | Final
 
 
 def is_fusion_model(model: str) -> bool:
-    return model == FUSION_ALIAS or model.startswith(FUSION_PREFIX)
+    return model in ALIASES or model.startswith(FUSION_PREFIX)
 
 
 def fusion_object(result: FusionResult) -> dict[str, Any]:
+    """The ``fusion`` object of a response: the result without what the response itself
+    carries (the answer, its usage, its tool calls and finish reason)."""
     data = result.to_dict()
-    data.pop("content")
-    data.pop("usage")
+    for key in ("content", "usage", "tool_calls", "finish_reason"):
+        data.pop(key)
     return data
 
 
@@ -146,31 +142,48 @@ class Completions:
         messages = tuple(m.to_message() for m in body.messages)
         params = body.fusion_params
         at_limit = depth >= self.settings.server.max_depth
+        candidates = [body.model, *(body.models or [])]
         if is_fusion_model(body.model):
+            _refuse_on_a_fusion_model(body)
             preset = self._preset(body.model, params)
             if at_limit:
-                return self._plain(
-                    preset.judges, messages, body, depth, self._limit_note(depth), run
-                )
+                limit = self._limit_note(depth)
+                return self._plain(preset.judges, messages, body, depth, limit, run)
+            fusion = self._fusion_for(preset, depth)
             _kind(run, "fusion")
-            return self._fusion(self._fusion_for(preset, depth), messages, body, run)
-        if params is not None:
-            if at_limit:
-                return self._plain(
-                    [body.model], messages, body, depth, self._limit_note(depth), run
-                )
-            fusion = self._fusion_for(self._preset(FUSION_ALIAS, params), depth)
-            self._resolve(body.model)
-            _kind(run, "caller")
-            return self._caller(fusion, messages, body, depth, run)
-        for fallback in body.models or ():
-            self._resolve(fallback, field="models")
-        return self._plain([body.model, *(body.models or [])], messages, body, depth, None, run)
+            events = fusion.stream(
+                messages,
+                max_cost=body.max_cost,
+                options=_options(body),
+                trace=run,
+                **_tool_options(params),
+            )
+            return self._outputs(events)
+        if params is None or at_limit:
+            note = self._limit_note(depth) if params is not None else None
+            return self._plain(candidates, messages, body, depth, note, run)
+        fusion = self._fusion_for(self._preset(FUSION_ALIAS, params), depth)
+        self._check_candidates(candidates, _request(body, messages, depth))
+        functions = tuple(
+            ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools
+        )
+        _kind(run, "caller")
+        events = fusion.call_stream(
+            candidates,
+            messages,
+            functions=functions,
+            tool_choice=_caller_choice(body),
+            max_cost=body.max_cost,
+            options=_options(body),
+            trace=run,
+            **_tool_options(params),
+        )
+        return self._outputs(events)
 
     # -- planning -------------------------------------------------------------------------
 
     def _preset(self, model: str, params: FusionParams | None) -> Preset:
-        name = model.removeprefix(FUSION_PREFIX) if model != FUSION_ALIAS else None
+        name = ALIASES[model] if model in ALIASES else model.removeprefix(FUSION_PREFIX)
         name = name or (params.preset if params else None) or self.settings.preset_name
         try:
             preset = load_preset(name, self.settings)
@@ -181,18 +194,37 @@ class Completions:
                     prompts=preset.prompts,
                     tools=preset.tools,
                     policy=preset.policy,
+                    reasoning=preset.reasoning,
                 )
             elif params and params.model:
                 preset = dataclasses.replace(preset, judge=params.model)
         except ConfigError as exc:
             raise _config_error(exc, model) from exc
+        if params and params.reasoning:
+            preset = dataclasses.replace(preset, reasoning=params.reasoning.value())
+        if params and params.max_completion_tokens:
+            limits = preset.limits.model_copy(
+                update={"max_completion_tokens": params.max_completion_tokens}
+            )
+            preset = dataclasses.replace(preset, limits=limits)
         return preset
 
-    def _resolve(self, model_id: str, field: str = "model") -> None:
-        try:
-            self.registry.resolve(model_id)
-        except ConfigError as exc:
-            raise _config_error(exc, model_id, field) from exc
+    def _check_candidates(self, candidates: Sequence[str], request: CompletionRequest) -> None:
+        """Every candidate model resolves and can honour every field the request sets."""
+        for index, model_id in enumerate(candidates):
+            where = "model" if index == 0 else "models"
+            try:
+                provider, _ = self.registry.resolve(model_id)
+            except ConfigError as exc:
+                raise _config_error(exc, model_id, where) from exc
+            refused = refused_fields(provider, request)
+            if refused:
+                raise APIError(
+                    400,
+                    f"{refused[0]}: {model_id} cannot honour it (it does not support "
+                    f"{', '.join(refused)}); leave it out or pick another model",
+                    {"model": model_id, "fields": refused},
+                )
 
     def _limit_note(self, depth: int) -> dict[str, Any]:
         return {
@@ -211,24 +243,10 @@ class Completions:
 
     # -- runs -----------------------------------------------------------------------------
 
-    async def _fusion(
-        self,
-        fusion: Fusion,
-        messages: tuple[Message, ...],
-        body: ChatCompletionRequest,
-        run: RunLog | None,
-    ) -> AsyncIterator[Output]:
-        events = fusion.stream(
-            messages,
-            temperature=body.temperature,
-            max_cost=body.max_cost,
-            trace=run,
-            **_tool_options(body.fusion_params),
-        )
+    async def _outputs(self, events: AsyncIterator[FusionEvent]) -> AsyncIterator[Output]:
+        """A fusion or caller-tier run of the engine, as outputs."""
         async for event in events:
-            if isinstance(event, MemberEvent | StageEvent | ToolEvent):
-                yield Progress(event)
-            elif isinstance(event, AnswerDelta):
+            if isinstance(event, AnswerDelta):
                 yield Text(event.text)
             elif isinstance(event, Done):
                 result = event.result
@@ -236,9 +254,13 @@ class Completions:
                 yield Final(
                     result.usage,
                     result.cost_details,
-                    fusion_object(result),
+                    fusion_object(result) if result.fused else None,
+                    result.finish_reason,
+                    result.tool_calls,
                     annotations=result.annotations,
                 )
+            else:
+                yield Progress(event)
 
     def _plain(
         self,
@@ -249,28 +271,29 @@ class Completions:
         fusion_note: dict[str, Any] | None,
         run: RunLog | None,
     ) -> AsyncIterator[Output]:
-        for model_id in candidates:
-            self._resolve(model_id)
         _kind(run, "call")
         observe = _observer(run, "call")
         tools = tuple(ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools)
-        choice = body.tool_choice if isinstance(body.tool_choice, str) else None
-
-        request = _request(body, messages, depth, tools=tools, tool_choice=choice)
+        request = _request(body, messages, depth, tools=tools, tool_choice=body.tool_choice)
+        if not tools:  # a choice among no tools is no choice
+            request = dataclasses.replace(request, tool_choice=None, parallel_tool_calls=None)
+        self._check_candidates(candidates, request)
         budget = Budget(body.max_cost) if body.max_cost is not None else None
 
         async def call_plainly() -> AsyncIterator[Output]:
             try:
-                if body.stream and not tools:
-                    usage, finish = Usage(cost=None), "stop"
-                    async for chunk in self.caller.stream(
-                        candidates, request, budget, observe=observe
-                    ):
+                if body.stream:
+                    usage, finish = Usage(cost=None, reported=False), "stop"
+                    calls: list[ToolCall] = []
+                    stream = self.caller.stream(candidates, request, budget, observe=observe)
+                    async for chunk in stream:
                         if chunk.delta:
                             yield Text(chunk.delta)
                         usage = chunk.usage or usage
                         finish = chunk.finish_reason or finish
-                    yield Final(usage, {"call": usage.cost}, fusion_note, finish)
+                        calls.extend(chunk.tool_calls)
+                    finish = "tool_calls" if calls else finish
+                    yield Final(usage, {"call": usage.cost}, fusion_note, finish, tuple(calls))
                     return
                 call = await self.caller.complete(candidates, request, budget, observe=observe)
             except ProviderError as exc:
@@ -287,78 +310,6 @@ class Completions:
 
         return call_plainly()
 
-    async def _caller(
-        self,
-        fusion: Fusion,
-        messages: tuple[Message, ...],
-        body: ChatCompletionRequest,
-        depth: int,
-        run: RunLog | None,
-    ) -> AsyncIterator[Output]:
-        observe = _observer(run, "caller")
-        forced = body.tool_choice == "required" or (
-            isinstance(body.tool_choice, dict)
-            and body.tool_choice.get("function", {}).get("name") == "fusion"
-        )
-        base = _request(body, messages, depth, tools=(FUSION_TOOL,))
-        caller = [body.model]
-        try:
-            first_call = await self.caller.complete(
-                caller,
-                dataclasses.replace(base, tool_choice="required" if forced else "auto"),
-                observe=observe,
-            )
-        except ProviderError as exc:
-            raise from_provider(exc, body.model) from exc
-        first = first_call.completion
-        call = next((c for c in first.tool_calls if c.name == "fusion"), None)
-        if call is None and not forced:  # the caller judged the prompt not worth a panel
-            yield Text(first.content)
-            yield Final(first.usage, {"caller": first.usage.cost}, None)
-            return
-        if call is None:  # forced, but the caller model cannot call tools: call it for it
-            call = ToolCall("call_fusion", "fusion", json.dumps({"prompt": _last_user(messages)}))
-        prompt = _tool_prompt(call) or _last_user(messages)
-        result: FusionResult | None = None
-        events = fusion.stream(
-            prompt,
-            temperature=body.temperature,
-            synthesise=False,
-            max_cost=body.max_cost,
-            trace=run,
-            **_tool_options(body.fusion_params),
-        )
-        async for event in events:
-            if isinstance(event, MemberEvent | StageEvent | ToolEvent):
-                yield Progress(event)
-            elif isinstance(event, Done):
-                result = event.result
-        assert result is not None
-        tool_result = json.dumps(_tool_result(result), ensure_ascii=False)
-        final_request = dataclasses.replace(
-            base,
-            messages=(
-                *messages,
-                Message("assistant", first.content, tool_calls=(call,)),
-                Message("tool", tool_result, tool_call_id=call.id),
-            ),
-            tool_choice="none",
-        )
-        usage = Usage(cost=None)
-        try:
-            async for chunk in self.caller.stream(caller, final_request, observe=observe):
-                if chunk.delta:
-                    yield Text(chunk.delta)
-                usage = chunk.usage or usage
-        except ProviderError as exc:
-            raise from_provider(exc, body.model) from exc
-        caller_usage = first.usage + usage
-        yield Final(
-            caller_usage + result.usage,
-            {"caller": caller_usage.cost, **result.cost_details},
-            fusion_object(result),
-        )
-
 
 def _kind(run: RunLog | None, kind: RunKind) -> None:
     if run is not None:
@@ -371,20 +322,61 @@ def _observer(run: RunLog | None, stage: Stage) -> CallObserver | None:
     return lambda record: run.event(ModelCallEvent(stage, None, record))
 
 
+def _options(body: ChatCompletionRequest) -> RunOptions:
+    """The request's fields, for the engine (``RunOptions`` says where each goes)."""
+    return RunOptions(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        seed=body.seed,
+        reasoning=body.reasoning_value,
+        user=body.user,
+        max_tokens=body.max_tokens or body.max_completion_tokens,
+        stop=body.stop_sequences,
+        response_format=body.response_format,
+    )
+
+
 def _request(
     body: ChatCompletionRequest, messages: tuple[Message, ...], depth: int, **fields: Any
 ) -> CompletionRequest:
-    """A call for the request's own model: its sampling fields, one level deeper."""
-    return CompletionRequest(
+    """A call for the request's own model: every field it sets, one level deeper."""
+    options = _options(body)
+    request = CompletionRequest(
         model="",
         messages=messages,
-        temperature=body.temperature,
-        max_tokens=body.max_tokens or body.max_completion_tokens,
         seed=body.seed,
-        stop=body.stop_sequences,
         headers={DEPTH_HEADER: str(depth + 1)},
+        reasoning=options.reasoning,
+        user=options.user,
+        parallel_tool_calls=body.parallel_tool_calls,
         **fields,
     )
+    return options.answer(options.sampling(request))
+
+
+def _refuse_on_a_fusion_model(body: ChatCompletionRequest) -> None:
+    """Fields a fusion model cannot honour: 400 naming the first one set. Function tools are
+    fine: offered tools, a model may answer without calling them, and a fusion always does
+    (a panel member calling a fusion model offers its tools, as to any model)."""
+    if body.tool_choice not in (None, "auto", "none"):
+        raise APIError(
+            400,
+            "tool_choice: a fusion model never calls your functions; to let a model choose "
+            "between them and the fusion, send them to it with the fusion plugin (caller tier)",
+        )
+    if body.models:
+        raise APIError(
+            400, "models: fallbacks are for a single model; a preset's slots list their own"
+        )
+
+
+def _caller_choice(body: ChatCompletionRequest) -> str | None:
+    """The caller tier's ``tool_choice``: a mode, ``fusion``, or a function by name."""
+    if body.named_tool is not None:
+        return body.named_tool
+    return body.tool_choice if isinstance(body.tool_choice, str) else None
 
 
 def _tool_options(params: FusionParams | None) -> dict[str, Any]:
@@ -423,8 +415,25 @@ def _config_error(exc: ConfigError, model: str, field: str = "model") -> APIErro
 
 
 def _raise_if_failed(result: FusionResult) -> None:
-    if result.status == "error":
-        reason = result.failure_reason or "all_panels_failed"
+    """A run that has no answer to give is an error status (or error event, in a stream)."""
+    reason = result.failure_reason
+    if reason == "unexpected_error":  # the details are in the server log, not for clients
+        raise APIError(
+            500,
+            "internal error: the run crashed; see the server log",
+            {
+                "failure_reason": reason,
+            },
+        )
+    if result.caller_failure is not None:
+        failure = result.caller_failure
+        raise APIError(
+            upstream_status(failure.reason, failure.status),
+            failure.message,
+            {"model": failure.model, "reason": failure.reason, "upstream_status": failure.status},
+        )
+    if result.caller is None and result.status == "error":
+        reason = reason or "all_panels_failed"
         raise APIError(
             PANEL_FAILURE_STATUS.get(reason, 502),
             result.failure_message or "every panel member failed",
@@ -433,26 +442,3 @@ def _raise_if_failed(result: FusionResult) -> None:
                 "failed_models": [f.to_dict() for f in result.failed_models],
             },
         )
-
-
-def _tool_result(result: FusionResult) -> dict[str, Any]:
-    if result.status == "error":
-        return {"error": result.failure_message, "failure_reason": result.failure_reason}
-    return {
-        "analysis": result.analysis,
-        "responses": [{"model": r.name, "content": r.content} for r in result.responses],
-        "failed_models": [f.to_dict() for f in result.failed_models],
-    }
-
-
-def _tool_prompt(call: ToolCall) -> str | None:
-    try:
-        arguments = json.loads(call.arguments)
-    except ValueError:
-        return None
-    prompt = arguments.get("prompt") if isinstance(arguments, dict) else None
-    return prompt if isinstance(prompt, str) and prompt.strip() else None
-
-
-def _last_user(messages: Sequence[Message]) -> str:
-    return next(m.content for m in reversed(messages) if m.role == "user")

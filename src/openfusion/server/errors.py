@@ -16,6 +16,8 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.metadata = metadata or {}
+        self.headers: dict[str, str] = {}
+        """Response headers, e.g. the ``X-Generation-Id`` of a run that failed."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.status, "message": self.message, "metadata": self.metadata}}
@@ -29,23 +31,30 @@ def from_validation(exc: ValidationError) -> APIError:
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        problems.append(f"{where}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message += " (a field this server does not know; leave it out)"
+        problems.append(f"{where}: {message}")
     return APIError(400, "invalid request: " + "; ".join(problems), {"fields": problems})
+
+
+def upstream_status(reason: str, upstream: int | None) -> int:
+    """Our status for a failed upstream call, from its reason and the upstream's status."""
+    if reason in ("insufficient_credits", "budget"):
+        return 402
+    if reason == "rate_limited":
+        return 429
+    if reason == "timeout":
+        return 408
+    if upstream is not None and 400 <= upstream < 500:
+        return {401: 502, 403: 502, 404: 404}.get(upstream, 400)
+    return 502
 
 
 def from_provider(exc: ProviderError, model: str) -> APIError:
     """Map a failed upstream call to our status; the upstream's own text is kept."""
-    status = 502
-    if exc.reason in ("insufficient_credits", "budget"):
-        status = 402
-    elif exc.reason == "rate_limited":
-        status = 429
-    elif exc.reason == "timeout":
-        status = 408
-    elif exc.status is not None and 400 <= exc.status < 500:
-        status = {401: 502, 403: 502, 404: 404}.get(exc.status, 400)
     return APIError(
-        status,
+        upstream_status(exc.reason, exc.status),
         exc.message,
         {"model": model, "reason": exc.reason, "upstream_status": exc.status},
     )

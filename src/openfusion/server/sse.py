@@ -84,6 +84,8 @@ def progress(event: MemberEvent | StageEvent | ToolEvent, cost_so_far: float | N
         return b": openfusion-progress " + json.dumps(tool).encode() + b"\n\n"
     if isinstance(event, MemberEvent):
         data: dict[str, Any] = {"type": "panel", "index": event.index, "model": event.name}
+    elif event.stage == "caller":
+        data = {"type": "caller", "stage": event.stage, "model": event.model}
     else:
         data = {"type": "judge", "stage": event.stage}
     data.update(state=event.state, seconds=round(event.elapsed, 3), reason=event.reason)
