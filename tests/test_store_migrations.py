@@ -38,7 +38,7 @@ from openfusion.store.schema import SCHEMA_REVISION, budgets, metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = {"alembic_version", "api_keys", "budgets", "instances", "reservations", "run_spans"}
-TABLES |= {"runs", "spend"}
+TABLES |= {"runs", "spend", "ui_sessions"}
 
 
 def legacy_metadata() -> MetaData:

@@ -110,6 +110,8 @@ class ServerSettings(BaseModel):
     """Held against a key's budget by a request without ``max_cost`` (capped to what is left)."""
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     """A reservation older than this (its server crashed) no longer counts against a budget."""
+    ui_session_hours: float = Field(12.0, gt=0)
+    """How long a login to the trace viewer (``/ui``) lasts, unless its user logs out first."""
 
 
 class StoreSettings(BaseModel):

@@ -111,13 +111,13 @@ class KeyStore:
                 .mappings()
                 .one_or_none()
             )
-        return None if row is None or row["revoked"] else _record(row)
+        return None if row is None or row["revoked"] else key_record(row)
 
     async def list(self) -> builtins.list[KeyRecord]:
         """Every key, revoked ones too, oldest first."""
         async with self.db.read() as conn:
             rows = await conn.execute(select(api_keys).order_by(api_keys.c.created_at))
-            return [_record(row) for row in rows.mappings()]
+            return [key_record(row) for row in rows.mappings()]
 
     async def find(self, id_or_name: str) -> KeyRecord | None:
         """The key with this id, else the active key with this name."""
@@ -239,7 +239,7 @@ def _set_aside(path: Path) -> None:
         log.warning("imported %s but could not rename it: %s", path, exc.strerror)
 
 
-def _record(row: RowMapping) -> KeyRecord:
+def key_record(row: RowMapping) -> KeyRecord:
     return KeyRecord(
         row["id"], row["name"], row["hash"], _iso(row["created_at"]), row["revoked"], row["admin"]
     )

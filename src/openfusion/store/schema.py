@@ -11,6 +11,8 @@
     runs          id PK (the generation id), kind, status, source, instance_id, key_id, ...
     run_spans     (run_id, seq) PK, kind, name, stage, member, status, start_ms, end_ms,
                   model, cost_nano, data (JSON)                           a run's timeline
+    ui_sessions   hash PK (sha256 of the token), key_id, created_at,   trace viewer logins
+                  expires_at
 
 Money is integer nano-USD. Times are naive UTC (one form for SQLite and PostgreSQL's
 ``timestamp``). ``SCHEMA_REVISION`` is the Alembic revision these tables match; a test checks
@@ -33,7 +35,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 metadata = MetaData()
 
@@ -134,6 +136,15 @@ run_spans = Table(
     Column("model", String(255), nullable=True),
     Column("cost_nano", BigInteger, nullable=True),
     Column("data", JSON, nullable=False),
+)
+
+ui_sessions = Table(
+    "ui_sessions",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("key_id", String(32), nullable=False, index=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False, index=True),
 )
 
 alembic_version = Table(
