@@ -624,6 +624,8 @@ def serve(host: str, port: int, workers: int, insecure_no_auth: bool) -> None:
     err.print(
         f"openfusion on http://{host}:{port}/v1 · {auth} · default preset {settings.preset_name}"
     )
+    viewer = "log in with a key" if has_keys else "this machine only, no keys"
+    err.print(f"trace viewer at http://{host}:{port}/ui ({viewer})")
     uvicorn.run(
         "openfusion.server.app:app_from_env",
         factory=True,

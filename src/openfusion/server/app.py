@@ -30,7 +30,7 @@ from openfusion.engine.trace import RunStart
 from openfusion.errors import ConfigError
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
-from openfusion.server.auth import BearerAuth
+from openfusion.server.auth import BearerAuth, KeyGate
 from openfusion.server.completions import (
     FLASH_ALIAS,
     FUSION_ALIAS,
@@ -42,10 +42,11 @@ from openfusion.server.completions import (
     Text,
 )
 from openfusion.server.errors import APIError, from_validation
-from openfusion.server.runs_api import RunsAPI
+from openfusion.server.runs_api import RunsAPI, conditional_json
 from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
+from openfusion.server.ui import UI_PREFIX, TraceViewer
 from openfusion.settings import Settings
 from openfusion.store import Store
 from openfusion.store.recorder import StoreRecorder, secret_values
@@ -270,7 +271,7 @@ class Server:
         return json_response(await self.runs.list(request))
 
     async def run(self, request: Request) -> Response:
-        return json_response(await self.runs.get(request))
+        return conditional_json(request, await self.runs.get(request))
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -462,6 +463,8 @@ def create_app(
         max_mb=settings.store.max_mb,
     )
     server = Server(settings, registry, store, recorder, tools)
+    gate = KeyGate(store.keys)
+    viewer = TraceViewer(gate, store.sessions, server.runs)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -503,11 +506,12 @@ def create_app(
             Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),
             Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
             Route("/health", handle(server.health), methods=["GET"]),
+            *viewer.routes(),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    return BearerAuth(app, store.keys)
+    return BearerAuth(app, gate, own_auth=[UI_PREFIX])
 
 
 def app_from_env() -> ASGIApp:

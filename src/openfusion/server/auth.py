@@ -19,26 +19,54 @@ from collections.abc import Collection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openfusion.errors import ConfigError, StoreError
-from openfusion.store import KeyStore
+from openfusion.store import KeyRecord, KeyStore
 from openfusion.store.keys import CREATE_HINT
 
 __all__ = [
     "BearerAuth",
+    "KeyGate",
+    "bearer_token",
     "check_bind",
     "insecure_warning",
     "is_loopback",
+    "refusal",
 ]
 
 log = logging.getLogger(__name__)
 
 
-class BearerAuth:
-    """ASGI middleware: requests need ``Authorization: Bearer <key>`` with an active key.
+class KeyGate:
+    """Whether this server asks for API keys, and which key a token is: one rule for the API
+    (``BearerAuth``) and the trace viewer (``openfusion.server.ui``).
 
-    Open without a store, or while the store has never had an active key (a local server with no
-    keys). Once it has seen an active key it stays closed, even if every key is later revoked:
-    that locks clients out instead of opening the server to anyone. Every path needs a key
-    except ``open_paths`` (``/health``). The matched ``KeyRecord`` goes to
+    Open without a store, or while the store has never had an active key (a local server with
+    no keys). Once it has seen an active key it stays closed, even if every key is later
+    revoked: that locks clients out instead of opening the server to anyone. Both methods
+    raise ``ConfigError`` or ``StoreError`` when the keys cannot be read.
+    """
+
+    def __init__(self, store: KeyStore | None) -> None:
+        self.store = store
+        self._enforcing = False
+
+    async def enforcing(self) -> bool:
+        if self.store is None:
+            return False
+        if not self._enforcing and await self.store.has_active_keys():
+            self._enforcing = True
+        return self._enforcing
+
+    async def verify(self, token: str) -> KeyRecord | None:
+        return None if self.store is None else await self.store.verify(token)
+
+
+class BearerAuth:
+    """ASGI middleware: requests need ``Authorization: Bearer <key>`` with an active key
+    while the ``KeyGate`` is closed.
+
+    Every path needs a key except ``open_paths`` (``/health``) and the paths under
+    ``own_auth`` prefixes (the trace viewer's ``/ui``, which takes a login cookie too and
+    checks keys itself, with the same gate). The matched ``KeyRecord`` goes to
     ``scope["state"]["api_key"]`` (``request.state.api_key`` in Starlette). A database that
     cannot be read gives 503 (and the log says why), never an open door.
     """
@@ -46,54 +74,58 @@ class BearerAuth:
     def __init__(
         self,
         app: ASGIApp,
-        store: KeyStore | None,
+        keys: KeyStore | KeyGate | None,
         *,
         open_paths: Collection[str] = ("/health",),
+        own_auth: Collection[str] = (),
     ) -> None:
         self.app = app
-        self.store = store
+        self.gate = keys if isinstance(keys, KeyGate) else KeyGate(keys)
         self.open_paths = frozenset(open_paths)
-        self._enforcing = False
+        self.own_auth = tuple(own_auth)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.store is None
-            or scope["type"] not in ("http", "websocket")
-            or scope["path"] in self.open_paths
-        ):
+        if scope["type"] not in ("http", "websocket") or self._exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
         try:
-            if not self._enforcing and await self.store.has_active_keys():
-                self._enforcing = True
-            token = _bearer_token(scope)
-            record = await self.store.verify(token) if self._enforcing and token else None
+            enforcing = await self.gate.enforcing()
+            token = bearer_token(scope)
+            record = await self.gate.verify(token) if enforcing and token else None
         except (ConfigError, StoreError) as exc:
             log.error("refusing request: %s", exc)
             message = "the server cannot read its API keys now; its log says why"
             await _reject(scope, send, 503, message)
             return
-        if not self._enforcing:
+        if not enforcing:
             await self.app(scope, receive, send)
             return
         if record is None:
-            if token is None:
-                message = (
-                    "missing API key: send the header `Authorization: Bearer <key>`; "
-                    f"the server's operator makes keys with {CREATE_HINT}"
-                )
-            else:
-                message = (
-                    "invalid or revoked API key: send `Authorization: Bearer <key>` with an "
-                    "active key (`openfusion keys list` on the server shows them)"
-                )
-            await _reject(scope, send, 401, message)
+            await _reject(scope, send, 401, refusal(token))
             return
         scope.setdefault("state", {})["api_key"] = record
         await self.app(scope, receive, send)
 
+    def _exempt(self, path: str) -> bool:
+        if path in self.open_paths:
+            return True
+        return any(path == prefix or path.startswith(prefix + "/") for prefix in self.own_auth)
 
-def _bearer_token(scope: Scope) -> str | None:
+
+def refusal(token: str | None) -> str:
+    """Why a request without a usable key is refused, and what to do."""
+    if token is None:
+        return (
+            "missing API key: send the header `Authorization: Bearer <key>`; "
+            f"the server's operator makes keys with {CREATE_HINT}"
+        )
+    return (
+        "invalid or revoked API key: send `Authorization: Bearer <key>` with an "
+        "active key (`openfusion keys list` on the server shows them)"
+    )
+
+
+def bearer_token(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")

@@ -9,15 +9,19 @@ without keys (loopback only) shows every run.
 ``next_cursor`` of the page before), and filters ``preset``, ``status``, ``kind``, ``key``
 (admin keys), ``since`` / ``until`` (ISO 8601, UTC unless an offset is given) and ``q`` (text
 in the question). ``GET /v1/fusion/runs/{id}`` — the whole run (``store/run_views.py``), also
-while it runs: poll it to follow one live.
+while it runs: poll it to follow one live, sending its last ``ETag`` back in ``If-None-Match``
+(a run that has not changed answers ``304 Not Modified``, without a body).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from openfusion.server.errors import APIError
 from openfusion.store import KeyRecord, RunFilter, RunStore
@@ -118,3 +122,15 @@ def _time(value: str | None, name: str) -> datetime | None:
         return parse_time(value)
     except ValueError as exc:
         raise APIError(400, f"{name}: an ISO 8601 time like 2026-12-01T09:30:00Z") from exc
+
+
+def conditional_json(request: Request, data: Any) -> Response:
+    """``data`` as JSON with an ``ETag`` (a hash of the body): a poller that sends it back in
+    ``If-None-Match`` gets ``304 Not Modified`` and no body until the run changes."""
+    body = json.dumps(data).encode()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    wanted = request.headers.get("if-none-match", "")
+    if etag in (tag.strip().removeprefix("W/") for tag in wanted.split(",")):
+        return Response(status_code=304, headers=headers)
+    return Response(body, 200, headers, media_type="application/json")
