@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import openfusion
@@ -25,10 +28,31 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands[1] in ci.splitlines()
 
 
-def test_package_ships_templates_and_presets() -> None:
-    src = ROOT / "src" / "openfusion"
-    assert (src / "py.typed").exists()
+def test_the_wheel_ships_templates_presets_migrations_and_the_trace_viewer(
+    tmp_path: Path,
+) -> None:
+    """Build the wheel (hatchling, offline) and look inside: the data files the code opens at
+    run time must be there, not only in the source tree."""
+    built = subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("openfusion-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {"openfusion/py.typed", "openfusion/data/prices.json"}
     for name in ("panel_system", "judge_analysis", "synthesis", "local_fewshot"):
-        assert (src / "prompts" / f"{name}.j2").exists()
+        wanted.add(f"openfusion/prompts/{name}.j2")
     for name in ("local", "budget", "quality"):
-        assert (src / "presets" / f"{name}.toml").exists()
+        wanted.add(f"openfusion/presets/{name}.toml")
+    wanted.add("openfusion/store/migrations/script.py.mako")
+    for version in (ROOT / "src/openfusion/store/migrations/versions").glob("v*.py"):
+        wanted.add(f"openfusion/store/migrations/versions/{version.name}")
+    ui = ROOT / "src" / "openfusion" / "server" / "ui"
+    for asset in [*(ui / "static").iterdir(), *(ui / "templates").iterdir()]:
+        wanted.add(f"openfusion/server/ui/{asset.parent.name}/{asset.name}")
+    assert len(wanted) > 15
+    assert wanted <= names, sorted(wanted - names)
