@@ -317,12 +317,13 @@ function drawRun(root, run) {
   const scroll = window.scrollY;
   clear(root);
   document.title = `openfusion · ${run.question.slice(0, 60)}`;
+  const fused = run.kind !== "call";
   root.append(
     el("a", { class: "back", href: "/ui" }, "← All runs"),
     header(run),
     answerSection(run),
-    analysisSection(run),
-    panelSection(run),
+    fused ? analysisSection(run) : null,
+    fused ? panelSection(run) : null,
     timelineSection(run),
     costSection(run),
     requestSection(run),
@@ -348,9 +349,14 @@ function header(run) {
     el("span", {}, "id ", el("b", { class: "mono", text: run.id })),
   );
   const toc = el("nav", { class: "toc" });
-  for (const [id, label] of SECTIONS) toc.append(el("a", { href: "#" + id, text: label }));
+  for (const [id, label] of SECTIONS) {
+    if (run.kind === "call" && (id === "analysis" || id === "panel")) continue; // one model, no panel
+    toc.append(el("a", { href: "#" + id, text: label }));
+  }
+  // A run that ended ok may still carry a reason: the judge failed and the answer was written
+  // without its analysis. That is a warning, not an error.
   const failure = run.failure_reason || run.failure_message
-    ? el("p", { class: "error", role: "alert" },
+    ? el("p", { class: run.status === "ok" ? "notice" : "error", role: "alert" },
       el("b", { text: run.failure_reason || "failed" }), run.failure_message ? ": " + run.failure_message : "")
     : null;
   return el("section", { class: "card" },
@@ -431,7 +437,6 @@ function analysisSection(run) {
   if (!a) {
     let why = "This run has no analysis.";
     if (run.status === "running") why = "The judge has not analysed the panel's answers yet.";
-    else if (run.kind === "call") why = "A single-model call: no panel, no judge.";
     else if (run.failure_reason) why = `No analysis: ${run.failure_reason}.`;
     section.append(el("p", { class: "muted", text: why }));
     return section;
@@ -637,13 +642,13 @@ function barChart(title, entries, id) {
   const max = Math.max(...known, 1e-12);
   const labelW = 150;
   const rowH = 26;
-  const width = 460;
-  const plotW = width - labelW - 80;
+  const width = 400;
+  const plotW = width - labelW - 75;
   const height = entries.length * rowH + 6;
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": title });
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": title });
   entries.forEach(([name, value], i) => {
     const y = i * rowH + 3;
-    const shown = name.length > 21 ? name.slice(0, 20) + "…" : name;
+    const shown = name.length > 20 ? name.slice(0, 19) + "…" : name;
     chart.append(svg("text", { x: 0, y: y + 16 }, svg("title", {}, name), shown));
     const w = value == null ? plotW : Math.max(2, (value / max) * plotW);
     chart.append(svg("rect", {
