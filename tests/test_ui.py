@@ -95,6 +95,11 @@ async def test_without_keys_the_viewer_opens_on_this_machine(serve: Serve) -> No
     status, script, headers = await get(server, "/ui/static/app.js")
     assert status == 200 and "function runView" in script
     assert "javascript" in headers["Content-Type"] and "Content-Security-Policy" in headers
+    status, body, headers = await get(server, "/ui/nowhere")
+    assert status == 404 and "not a page of the trace viewer" in body
+    assert "Content-Security-Policy" in headers
+    status, body, headers = await get(server, "/uinowhere")  # not the viewer's: the API's 404
+    assert status == 404 and "Content-Security-Policy" not in headers
 
 
 async def test_without_keys_a_page_named_by_another_host_is_refused(serve: Serve) -> None:

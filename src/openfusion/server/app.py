@@ -46,7 +46,7 @@ from openfusion.server.runs_api import RunsAPI, conditional_json
 from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
-from openfusion.server.ui import UI_PREFIX, TraceViewer
+from openfusion.server.ui import TraceViewer
 from openfusion.settings import Settings
 from openfusion.store import Store
 from openfusion.store.recorder import StoreRecorder, secret_values
@@ -451,7 +451,8 @@ def create_app(
 ) -> ASGIApp:
     """The app; spend, budgets, API keys and runs live in ``store`` (default: the store of
     ``settings.database``), written by ``recorder`` (default: one on ``store``); panel tools come
-    from ``tools`` (default: the built-ins ``[tools]`` configures)."""
+    from ``tools`` (default: the built-ins ``[tools]`` configures). The trace viewer answers
+    under ``/ui``, behind the same key gate as the API (``server/ui``)."""
     settings = settings or Settings.load()
     registry = registry or ProviderRegistry(settings)
     store = store or Store.for_settings(settings)
@@ -506,12 +507,11 @@ def create_app(
             Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),
             Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
             Route("/health", handle(server.health), methods=["GET"]),
-            *viewer.routes(),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    return BearerAuth(app, gate, own_auth=[UI_PREFIX])
+    return viewer.mount(BearerAuth(app, gate))
 
 
 def app_from_env() -> ASGIApp:

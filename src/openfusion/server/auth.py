@@ -64,9 +64,7 @@ class BearerAuth:
     """ASGI middleware: requests need ``Authorization: Bearer <key>`` with an active key
     while the ``KeyGate`` is closed.
 
-    Every path needs a key except ``open_paths`` (``/health``) and the paths under
-    ``own_auth`` prefixes (the trace viewer's ``/ui``, which takes a login cookie too and
-    checks keys itself, with the same gate). The matched ``KeyRecord`` goes to
+    Every path needs a key except ``open_paths`` (``/health``). The matched ``KeyRecord`` goes to
     ``scope["state"]["api_key"]`` (``request.state.api_key`` in Starlette). A database that
     cannot be read gives 503 (and the log says why), never an open door.
     """
@@ -77,15 +75,13 @@ class BearerAuth:
         keys: KeyStore | KeyGate | None,
         *,
         open_paths: Collection[str] = ("/health",),
-        own_auth: Collection[str] = (),
     ) -> None:
         self.app = app
         self.gate = keys if isinstance(keys, KeyGate) else KeyGate(keys)
         self.open_paths = frozenset(open_paths)
-        self.own_auth = tuple(own_auth)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or self._exempt(scope["path"]):
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         try:
@@ -105,11 +101,6 @@ class BearerAuth:
             return
         scope.setdefault("state", {})["api_key"] = record
         await self.app(scope, receive, send)
-
-    def _exempt(self, path: str) -> bool:
-        if path in self.open_paths:
-            return True
-        return any(path == prefix or path.startswith(prefix + "/") for prefix in self.own_auth)
 
 
 def refusal(token: str | None) -> str:

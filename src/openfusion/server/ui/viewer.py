@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -93,6 +93,11 @@ class TraceViewer:
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True),
         )
+
+    def mount(self, app: ASGIApp) -> ASGIApp:
+        """``app`` for every path but ``/ui`` and the paths under it, which the viewer answers
+        (it checks keys itself, so that a browser may use its login cookie)."""
+        return _UnderPrefix(UI_PREFIX, Router(self.routes(), default=_not_found), app)
 
     def routes(self) -> list[BaseRoute]:
         static = _Headers(StaticFiles(directory=HERE / "static"), {"Cache-Control": "no-cache"})
@@ -257,6 +262,27 @@ def _guarded(endpoint: Endpoint) -> Endpoint:
         return response
 
     return wrapped
+
+
+class _UnderPrefix:
+    """ASGI: HTTP requests for ``prefix`` and the paths under it go to ``inner``, the rest
+    (and the lifespan) to ``outer``."""
+
+    def __init__(self, prefix: str, inner: ASGIApp, outer: ASGIApp) -> None:
+        self.prefix, self.inner, self.outer = prefix, inner, outer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and (path == self.prefix or path.startswith(self.prefix + "/")):
+            await self.inner(scope, receive, send)
+        else:
+            await self.outer(scope, receive, send)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    error = APIError(404, f"{scope['method']} {scope['path']}: not a page of the trace viewer")
+    response = Response(error.encode(), 404, SECURITY_HEADERS, media_type="application/json")
+    await response(scope, receive, send)
 
 
 class _Headers:
