@@ -245,7 +245,8 @@ class TraceViewer:
 
 
 def _guarded(endpoint: Endpoint) -> Endpoint:
-    """The endpoint with the security headers on its answer, and an ``APIError`` as JSON."""
+    """The endpoint with the security headers on its answer, and an ``APIError`` (or a
+    database that cannot be read: 503) as JSON."""
 
     async def wrapped(request: Request) -> Response:
         try:
@@ -254,6 +255,10 @@ def _guarded(endpoint: Endpoint) -> Endpoint:
             response = Response(
                 exc.encode(), exc.status, exc.headers, media_type="application/json"
             )
+        except (ConfigError, StoreError) as exc:  # the database is down: say so, not "500"
+            log.error("trace viewer: %s %s: %s", request.method, request.url.path, exc)
+            error = APIError(503, "the server cannot read its database now; its log says why")
+            response = Response(error.encode(), 503, media_type="application/json")
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)
             error = APIError(500, "internal error; see the server log")

@@ -296,6 +296,8 @@ function runView(root, runId) {
   async function poll() {
     try {
       const result = await api("/runs/" + encodeURIComponent(runId), etag);
+      const stale = root.querySelector("#stale");
+      if (stale) stale.remove();
       if (!result.unchanged) {
         etag = result.etag;
         last = result.data;
@@ -304,7 +306,15 @@ function runView(root, runId) {
         redrawTimeline(root, last); // running bars grow with the clock
       }
     } catch (error) {
-      showError(root, error);
+      if (!last || error instanceof NotLoggedIn) {
+        showError(root, error);
+        return;
+      }
+      // Keep what is on the page; say that it is stale, and try again.
+      const banner = root.querySelector("#stale") || el("p", { id: "stale", class: "notice", role: "status" });
+      banner.textContent = `Not updated: ${error.message}. Retrying…`;
+      if (!banner.isConnected) root.prepend(banner);
+      timer = setTimeout(poll, POLL_MS * 3);
       return;
     }
     if (last && last.status === "running") timer = setTimeout(poll, POLL_MS);
