@@ -240,6 +240,7 @@ def _set_aside(path: Path) -> None:
 
 
 def key_record(row: RowMapping) -> KeyRecord:
+    """A row of ``api_keys`` (or of a query that selects its columns) as a ``KeyRecord``."""
     return KeyRecord(
         row["id"], row["name"], row["hash"], _iso(row["created_at"]), row["revoked"], row["admin"]
     )
