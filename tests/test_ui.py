@@ -93,8 +93,10 @@ async def test_without_keys_the_viewer_opens_on_this_machine(serve: Serve) -> No
     status, _, headers = await get(server, "/ui/login")
     assert status == 303 and headers["Location"] == "/ui"  # nothing to log in with
     status, script, headers = await get(server, "/ui/static/app.js")
-    assert status == 200 and "function runView" in script
+    assert status == 200 and 'from "./run.js"' in script
     assert "javascript" in headers["Content-Type"] and "Content-Security-Policy" in headers
+    status, script, _ = await get(server, "/ui/static/run.js")
+    assert status == 200 and "export function runView" in script
     status, body, headers = await get(server, "/ui/nowhere")
     assert status == 404 and "not a page of the trace viewer" in body
     assert "Content-Security-Policy" in headers
