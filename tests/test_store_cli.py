@@ -1,4 +1,5 @@
-"""`openfusion keys` with budgets: create --budget, budget ID USD|none, list."""
+"""`openfusion keys` with budgets and rate limits: create --budget --rpm --tpm, budget ID
+USD|none, limits ID --rpm --tpm, list."""
 
 from __future__ import annotations
 
@@ -87,3 +88,27 @@ def test_a_broken_database_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) 
     result = runner.invoke(main, ["keys", "budget", "ci", "5"])
     assert result.exit_code == 1
     assert "cannot open it" in result.output and "hidden" not in result.output
+
+
+def test_rate_limits_set_listed_and_removed() -> None:
+    runner = CliRunner()
+    created = runner.invoke(main, ["keys", "create", "ci", "--rpm", "30"])
+    assert created.exit_code == 0 and "key " in created.stderr
+    assert "30 requests/min" in created.stderr
+    record = in_store(Settings.load(), lambda store: store.keys.find("ci"))
+    assert record is not None and (record.rpm, record.tpm) == (30, None)
+
+    both = runner.invoke(main, ["keys", "limits", "ci", "--rpm", "10", "--tpm", "5000"])
+    assert both.exit_code == 0, both.output
+    assert "10 requests/min, 5000 tokens/min" in both.output
+    listing = runner.invoke(main, ["keys", "list"], env={"COLUMNS": "200"})
+    header, line = listing.output.splitlines()
+    assert header.split()[-2:] == ["rpm", "tpm"] and line.split()[-2:] == ["10", "5000"]
+
+    cleared = runner.invoke(main, ["keys", "limits", "ci"])
+    assert cleared.exit_code == 0 and "no rate limits" in cleared.output
+    record = in_store(Settings.load(), lambda store: store.keys.find("ci"))
+    assert record is not None and (record.rpm, record.tpm) == (None, None)
+
+    bad = runner.invoke(main, ["keys", "limits", "ci", "--rpm", "0"])
+    assert bad.exit_code == 2 and "a whole number from 1, or `none`" in bad.output

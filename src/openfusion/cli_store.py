@@ -83,11 +83,21 @@ def _budget_line(status: BudgetStatus) -> str:
     help="USD this key may spend in all (requests past it get 402); default: no limit.",
 )
 @click.option("--admin", is_flag=True, help="The key may read every key's runs (runs API).")
-def keys_create(name: str, budget: float | None, admin: bool) -> None:
+@click.option(
+    "--rpm", type=click.IntRange(min=1), help="Requests per minute (429 past it); default: none."
+)
+@click.option(
+    "--tpm",
+    type=click.IntRange(min=1),
+    help="Tokens per minute, all inner calls counted (429 past it); default: none.",
+)
+def keys_create(
+    name: str, budget: float | None, admin: bool, rpm: int | None, tpm: int | None
+) -> None:
     """Create a key called NAME and print it (only the key goes to stdout)."""
 
     async def create(store: Store) -> tuple[str, str, str | None]:
-        record, key = await store.keys.create(name, admin=admin)
+        record, key = await store.keys.create(name, admin=admin, rpm=rpm, tpm=tpm)
         if budget is None:
             return record.id, key, None
         try:
@@ -110,6 +120,8 @@ def keys_create(name: str, budget: float | None, admin: bool) -> None:
     )
     if budget_line is not None:
         click.echo(f"key {key_id}: {budget_line}", err=True)
+    if rpm is not None or tpm is not None:
+        click.echo(f"key {key_id}: {_limits_line(rpm, tpm)}", err=True)
 
 
 @keys.command("budget")
@@ -136,10 +148,41 @@ def keys_budget(id_or_name: str, usd: str) -> None:
     click.echo(with_store(limit))
 
 
+def _parse_limit(text: str, name: str) -> int | None:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r}: a whole number from 1, or `none`", param_hint=name)
+    return int(text)
+
+
+@keys.command("limits")
+@click.argument("id_or_name")
+@click.option("--rpm", default="none", show_default=True, help="Requests per minute, or none.")
+@click.option("--tpm", default="none", show_default=True, help="Tokens per minute, or none.")
+def keys_limits(id_or_name: str, rpm: str, tpm: str) -> None:
+    """Set the key's rate limits (a sliding minute; 429 with Retry-After past them).
+
+    Running servers apply them from the key's next request; with `redis_url` the replicas
+    count together, else each server process counts its own requests.
+    """
+    requests, tokens = _parse_limit(rpm, "--rpm"), _parse_limit(tpm, "--tpm")
+    record = with_store(lambda store: store.keys.set_limits(id_or_name, requests, tokens))
+    click.echo(f"key {record.id} ({record.name}): {_limits_line(record.rpm, record.tpm)}")
+
+
+def _limits_line(rpm: int | None, tpm: int | None) -> str:
+    if rpm is None and tpm is None:
+        return "no rate limits"
+    return ", ".join(
+        f"{value} {unit}/min" for value, unit in ((rpm, "requests"), (tpm, "tokens")) if value
+    )
+
+
 @keys.command("list")
 def keys_list() -> None:
-    """List the keys: id, name, created, revoked, admin, budget, spent, remaining (never the
-    key or its hash)."""
+    """List the keys: id, name, created, revoked, admin, budget, spent, remaining, and rate
+    limits when a key has one (never the key or its hash)."""
 
     async def listing(store: Store) -> list[tuple[Any, BudgetStatus]]:
         return [(r, await store.ledger.budget(r.id)) for r in await store.keys.list()]
@@ -149,7 +192,9 @@ def keys_list() -> None:
         click.echo("no API keys yet: create one with `openfusion keys create NAME`", err=True)
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("id", "name", "created", "revoked", "admin", "budget", "spent", "remaining"):
+    columns = ["id", "name", "created", "revoked", "admin", "budget", "spent", "remaining"]
+    limited = any(r.rpm or r.tpm for r, _ in rows)  # rate limit columns only when some key has one
+    for column in columns + ["rpm", "tpm"] * limited:
         table.add_column(column)
     for record, status in rows:
         remaining = status.remaining_nano
@@ -162,6 +207,7 @@ def keys_list() -> None:
             "" if status.limit_nano is None else format_usd(status.limit_nano),
             format_usd(status.spent_nano),
             "" if remaining is None else format_usd(max(remaining, 0)),
+            *(["" if v is None else str(v) for v in (record.rpm, record.tpm)] * limited),
         )
     Console(highlight=False).print(table)
 

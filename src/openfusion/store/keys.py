@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -54,6 +55,10 @@ class KeyRecord:
     """When the key was made, ISO 8601 in UTC."""
     revoked: bool = False
     admin: bool = False
+    rpm: int | None = None
+    """Requests per minute this key may send (``None``: no limit)."""
+    tpm: int | None = None
+    """Tokens per minute its runs may use, all inner calls counted (``None``: no limit)."""
 
 
 def hash_key(key: str) -> str:
@@ -66,8 +71,16 @@ class KeyStore:
     def __init__(self, database: Database) -> None:
         self.db = database
 
-    async def create(self, name: str, *, admin: bool = False) -> tuple[KeyRecord, str]:
+    async def create(
+        self,
+        name: str,
+        *,
+        admin: bool = False,
+        rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[KeyRecord, str]:
         """Make a key called ``name``; returns its record and the plaintext key (shown once)."""
+        _check_limits(rpm, tpm)
         name = name.strip()
         if not name or not name.isprintable() or len(name) > 100:
             raise ConfigError(
@@ -88,7 +101,9 @@ class KeyStore:
             key_id = secrets.token_hex(4)
             while key_id in ids:
                 key_id = secrets.token_hex(4)
-            record = KeyRecord(key_id, name, hash_key(key), _iso(now), admin=admin)
+            record = KeyRecord(
+                key_id, name, hash_key(key), _iso(now), admin=admin, rpm=rpm, tpm=tpm
+            )
             await conn.execute(
                 insert(api_keys).values(
                     id=key_id,
@@ -97,6 +112,8 @@ class KeyStore:
                     admin=admin,
                     revoked=False,
                     created_at=now,
+                    rpm=rpm,
+                    tpm=tpm,
                 )
             )
         return record, key
@@ -137,7 +154,7 @@ class KeyStore:
                 .where(api_keys.c.id == match.id)
                 .values(revoked=True, revoked_at=_now())
             )
-        return KeyRecord(match.id, match.name, match.hash, match.created, True, match.admin)
+        return dataclasses.replace(match, revoked=True)
 
     async def set_admin(self, id_or_name: str, admin: bool) -> KeyRecord:
         match = await self._find_or_fail(id_or_name)
@@ -145,7 +162,18 @@ class KeyStore:
             await conn.execute(
                 update(api_keys).where(api_keys.c.id == match.id).values(admin=admin)
             )
-        return KeyRecord(match.id, match.name, match.hash, match.created, match.revoked, admin)
+        return dataclasses.replace(match, admin=admin)
+
+    async def set_limits(self, id_or_name: str, rpm: int | None, tpm: int | None) -> KeyRecord:
+        """Set the key's requests and tokens per minute (``None``: no limit); running servers
+        apply them from the key's next request."""
+        _check_limits(rpm, tpm)
+        match = await self._find_or_fail(id_or_name)
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(api_keys).where(api_keys.c.id == match.id).values(rpm=rpm, tpm=tpm)
+            )
+        return dataclasses.replace(match, rpm=rpm, tpm=tpm)
 
     async def has_active_keys(self) -> bool:
         async with self.db.read() as conn:
@@ -242,8 +270,21 @@ def _set_aside(path: Path) -> None:
 def key_record(row: RowMapping) -> KeyRecord:
     """A row of ``api_keys`` (or of a query that selects its columns) as a ``KeyRecord``."""
     return KeyRecord(
-        row["id"], row["name"], row["hash"], _iso(row["created_at"]), row["revoked"], row["admin"]
+        row["id"],
+        row["name"],
+        row["hash"],
+        _iso(row["created_at"]),
+        row["revoked"],
+        row["admin"],
+        row["rpm"],
+        row["tpm"],
     )
+
+
+def _check_limits(rpm: int | None, tpm: int | None) -> None:
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} {value}: a limit per minute is 1 or more (or none)")
 
 
 def _now() -> datetime:

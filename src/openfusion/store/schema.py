@@ -6,7 +6,8 @@
     reservations  id PK, key_id, amount_nano, created_at      money held by requests in flight
     spend         id PK, key_id, generation_id, stage, model,  one row per inner call
                   cost_nano (NULL: unknown), unpriced, created_at
-    api_keys      id PK, name, hash (sha256, unique), admin, revoked, created_at, revoked_at
+    api_keys      id PK, name, hash (sha256, unique), admin, revoked, created_at, revoked_at,
+                  rpm, tpm (requests / tokens per minute; NULL: no limit)
     instances     id PK, host, pid, source, started_at, heartbeat_at    live processes
     runs          id PK (the generation id), kind, status, source, instance_id, key_id, ...
     run_spans     (run_id, seq) PK, kind, name, stage, member, status, start_ms, end_ms,
@@ -78,6 +79,8 @@ api_keys = Table(
     Column("revoked", Boolean, nullable=False),
     Column("created_at", DateTime, nullable=False),
     Column("revoked_at", DateTime, nullable=True),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
 )
 
 instances = Table(
