@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from helpers import new_postgres_schema
+from helpers import new_postgres_schema, new_redis_prefix
 
 from openfusion.settings import RetrySettings, Settings, StoreSettings
 
@@ -55,7 +55,8 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No user config, no real keys: each test sees a fresh config dir."""
     for var in ("OPENROUTER_API_KEY", "OPENAI_API_KEY", "OPENFUSION_PRESET"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("OPENFUSION_DATABASE_URL", raising=False)
+    for var in ("OPENFUSION_DATABASE_URL", "OPENFUSION_REDIS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
     # The library records its runs unless told not to; tests of the engine need no store (the
     # server records in any case, and the recording tests turn it back on).
     monkeypatch.setenv("OPENFUSION_RECORD", "0")
@@ -96,3 +97,10 @@ async def postgres_schema() -> AsyncIterator[str]:
     """A fresh schema in the local PostgreSQL's ``test`` database (``helpers``)."""
     async with new_postgres_schema() as schema:
         yield schema
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of the test's own, cleaned up after (``helpers``)."""
+    async with new_redis_prefix() as prefix:
+        yield prefix

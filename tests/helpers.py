@@ -25,6 +25,10 @@ POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 """The PostgreSQL that runs beside the tests here and in CI (each test uses a schema of its own:
 the ``postgres_schema`` fixture)."""
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+"""The Redis that runs beside the tests here and in CI (each test uses a key prefix of its own:
+the ``redis_prefix`` fixture)."""
+
 ANALYSIS = {  # a judge's analysis in the contract's shape, as scripted judges return it
     "consensus": ["Jane Austen wrote it"],
     "contradictions": [],
@@ -116,3 +120,32 @@ async def new_postgres_schema() -> AsyncIterator[str]:
             pass  # the database could not be used: the test skipped before making the schema
         finally:
             await engine.dispose()
+
+
+def _redis_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@asynccontextmanager
+async def new_redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own in the local Redis, its keys deleted afterwards (the
+    test skips, saying why, when Redis is not there)."""
+    from redis.asyncio import Redis
+
+    if not _redis_reachable():
+        pytest.skip(f"Redis is not reachable at 127.0.0.1:6379 ({REDIS_URL})")
+    prefix = f"openfusion-test-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            keys = [key async for key in redis.scan_iter(match=prefix + "*")]
+            if keys:
+                await redis.delete(*keys)
+        finally:
+            await redis.aclose()

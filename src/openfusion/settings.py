@@ -9,6 +9,11 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     prompts_dir = "/path/to/templates" # optional; files here override the shipped templates
     database_url = "postgresql+asyncpg://user@db/openfusion"  # runs, spend, keys (the store);
                                        # default: SQLite, <data dir>/openfusion.db
+    redis_url = "redis://127.0.0.1:6379/0"  # replicas share rate limits, budget reservations
+                                       # and breaker state through it; default: none (per process)
+    redis_prefix = "openfusion:"       # of every Redis key openfusion writes
+    otlp_endpoint = "http://127.0.0.1:4318"  # OpenTelemetry spans of each run (OTLP/HTTP;
+                                       # needs openfusion[otel]); default: none
 
     [providers.ollama]                 # any OpenAI-compatible server becomes "ollama/<model>"
     type = "openai_compat"
@@ -59,6 +64,9 @@ ENV_CONFIG_DIR = "OPENFUSION_CONFIG_DIR"
 ENV_CACHE_DIR = "OPENFUSION_CACHE_DIR"
 ENV_PRESET = "OPENFUSION_PRESET"
 ENV_DATABASE_URL = "OPENFUSION_DATABASE_URL"
+ENV_REDIS_URL = "OPENFUSION_REDIS_URL"
+ENV_REDIS_PREFIX = "OPENFUSION_REDIS_PREFIX"
+ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 ENV_DATA_DIR = "OPENFUSION_DATA_DIR"
 ENV_RECORD = "OPENFUSION_RECORD"
 DATABASE_FILE = "openfusion.db"
@@ -133,6 +141,9 @@ class ConfigFile(BaseModel):
     default_preset: str | None = None
     prompts_dir: Path | None = None
     database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "openfusion:"
+    otlp_endpoint: str | None = None
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     tools: dict[str, Any] = Field(default_factory=dict)
     """The ``[tools]`` table, validated as ``openfusion.tools.ToolSettings`` where tools run."""
@@ -177,6 +188,12 @@ class Settings:
     database_url: str | None = field(default=None, repr=False)
     """SQLAlchemy async URL of the store; ``None``: the SQLite file (see ``database``). Not in
     ``repr``: it may hold a password."""
+    redis_url: str | None = field(default=None, repr=False)
+    """Redis shared by the replicas (``None``: each process keeps its own limits, breaker and
+    reservations go to the database). Not in ``repr``: it may hold a password."""
+    redis_prefix: str = "openfusion:"
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector for the runs' spans (``None``: no spans)."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
 
@@ -203,6 +220,9 @@ class Settings:
             store=store,
             data_dir=data_dir,
             database_url=env.get(ENV_DATABASE_URL) or config.database_url,
+            redis_url=env.get(ENV_REDIS_URL) or config.redis_url,
+            redis_prefix=env.get(ENV_REDIS_PREFIX) or config.redis_prefix,
+            otlp_endpoint=env.get(ENV_OTLP_ENDPOINT) or config.otlp_endpoint,
             env=env,
         )
 

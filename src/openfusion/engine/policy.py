@@ -108,6 +108,10 @@ class CircuitBreaker:
             self._probing.discard(key)
             self._opened_at[key] = self._clock()
 
+    def known(self) -> set[str]:
+        """The models that have failed since their last success (closed, open or half-open)."""
+        return set(self._failures) | set(self._opened_at)
+
     def release(self, key: str) -> None:
         """A probe that decided nothing: the circuit stays half-open, the next call probes."""
         self._probing.discard(key)
@@ -125,13 +129,21 @@ class Caller:
     request's budget."""
 
     @classmethod
-    def from_settings(cls, registry: ProviderRegistry, settings: Settings) -> Caller:
+    def from_settings(
+        cls,
+        registry: ProviderRegistry,
+        settings: Settings,
+        *,
+        breaker: CircuitBreaker | None = None,
+    ) -> Caller:
+        """``breaker``: one shared beyond this caller (the server's, maybe through Redis);
+        default: a breaker of its own, configured by ``[retries]``."""
         r = settings.retries
         return cls(
             registry,
             PriceCatalog.load(settings.config_dir, settings.cache_dir),
             policy=RetryPolicy(r.attempts, r.base_delay, r.max_delay, r.max_retry_after),
-            breaker=CircuitBreaker(r.breaker_threshold, r.breaker_cooldown),
+            breaker=breaker or CircuitBreaker(r.breaker_threshold, r.breaker_cooldown),
         )
 
     def __init__(

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from openfusion.errors import OpenFusionError
@@ -49,6 +49,7 @@ __all__ = [
     "SpendLedger",
     "SpendRecord",
     "SpendRow",
+    "charge_of",
     "format_usd",
     "to_nano",
 ]
@@ -65,6 +66,15 @@ def to_nano(usd: float) -> int:
     if not math.isfinite(usd):
         raise ValueError(f"not an amount of money: {usd!r}")
     return round(usd * NANO)
+
+
+def charge_of(rows: Sequence[SpendRow], held_nano: int | None) -> int:
+    """What ``settle`` charges a key for ``rows`` against a reservation of ``held_nano``:
+    the priced rows, and when a row has no price, the rest of the reservation too."""
+    priced = sum(to_nano(row.cost) for row in rows if row.cost is not None)
+    if held_nano is not None and any(row.cost is None for row in rows):
+        return max(priced, held_nano)
+    return priced
 
 
 def format_usd(nano: int) -> str:
@@ -283,6 +293,34 @@ class SpendLedger:
                 )
             )
         return reservation
+
+    async def hold(self, key_id: str, amount_nano: int) -> Reservation:
+        """Record a reservation without checking the budget: for a caller that checked it
+        elsewhere, atomically (``openfusion.cluster.HotBudgets``, in Redis). A plain insert,
+        no lock: the row makes the hold count for every reader of the database."""
+        reservation = Reservation(uuid.uuid4().hex, key_id, amount_nano)
+        async with self._write() as conn:
+            await conn.execute(
+                insert(reservations).values(
+                    id=reservation.id,
+                    key_id=key_id,
+                    amount_nano=amount_nano,
+                    created_at=self._now(),
+                )
+            )
+        return reservation
+
+    async def resize(self, reservation_id: str, amount_nano: int) -> None:
+        """Lower a ``hold`` to what was granted (0 drops it)."""
+        async with self._write() as conn:
+            if amount_nano <= 0:
+                await conn.execute(delete(reservations).where(reservations.c.id == reservation_id))
+            else:
+                await conn.execute(
+                    update(reservations)
+                    .where(reservations.c.id == reservation_id)
+                    .values(amount_nano=amount_nano)
+                )
 
     async def settle(
         self,
