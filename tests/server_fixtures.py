@@ -199,8 +199,9 @@ def run_server(
     *,
     sock: socket.socket | None = None,
     tools: ToolRegistry | None = None,
+    **options: Any,
 ) -> Iterator[RunningServer]:
-    """Serve ``create_app(settings, registry=registry)`` until the block ends.
+    """Serve ``create_app(settings, registry=registry, **options)`` until the block ends.
 
     ``settings`` defaults to ``Settings.load()`` (the test's config dir), ``registry`` to one
     with ``demo_provider()`` as provider ``demo``.
@@ -209,7 +210,7 @@ def run_server(
     if registry is None:
         registry = ProviderRegistry(settings)
         registry.register("demo", demo_provider())
-    recorder = Recorder(create_app(settings, registry=registry, tools=tools))
+    recorder = Recorder(create_app(settings, registry=registry, tools=tools, **options))
     sock = sock or bound_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from helpers import create_key, in_store
+from helpers import REDIS_URL, create_key, in_store, new_redis_prefix
+from redis.asyncio import Redis
 from server_fixtures import (
     ANALYSIS_COST,
     PANEL_COSTS,
@@ -95,8 +96,20 @@ async def post(
         return response.status, headers, await response.text()
 
 
-async def test_concurrent_requests_never_overrun_a_budget(serve: Serve) -> None:
-    settings, registry, key = setup(**slow_panel())
+@pytest.fixture(params=["database", "redis"])
+async def holds(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """Where reservations are checked: the database (locked: ``None``), or Redis (the key
+    prefix of the test's own)."""
+    if request.param == "database":
+        yield None
+        return
+    async with new_redis_prefix() as prefix:
+        yield prefix
+
+
+async def test_concurrent_requests_never_overrun_a_budget(serve: Serve, holds: str | None) -> None:
+    config = f'redis_url = "{REDIS_URL}"\nredis_prefix = "{holds}"\n' if holds else ""
+    settings, registry, key = setup(config, **slow_panel())
     await set_budget(settings, 0.05)  # room for 7 reservations of MAX_COST at once
     server = serve(settings, registry)
     async with aiohttp.ClientSession() as session:
@@ -118,6 +131,11 @@ async def test_concurrent_requests_never_overrun_a_budget(serve: Serve) -> None:
         status = await ledger.budget(key_id(settings))
     assert status.spent_nano == 7 * RUN_NANO <= to_nano(0.05)
     assert status.reserved_nano == 0  # every reservation was settled
+    if holds:  # they were checked in Redis, which now holds the spend and nothing reserved
+        redis = Redis.from_url(REDIS_URL)
+        state = await redis.hgetall(f"{holds}budget:{key_id(settings)}")
+        await redis.aclose()
+        assert int(state[b"reserved"]) == 0 and int(state[b"spent"]) == 7 * RUN_NANO
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -34,6 +34,7 @@ from openfusion.engine import (
 )
 from openfusion.engine.run import JUDGE_INDEX
 from openfusion.errors import ConfigError, OpenFusionError
+from openfusion.logs import LOG_FORMATS, LogFormat, log_config
 from openfusion.presets import Preset, list_presets, load_preset
 from openfusion.settings import Settings
 from openfusion.store.recorder import StoreRecorder
@@ -603,7 +604,16 @@ async def _run_eval(runner: EvalRunner, total: int, err: Console) -> Outcome:
     is_flag=True,
     help="Serve a non-loopback address without API keys (anyone who can reach it spends).",
 )
-def serve(host: str, port: int, workers: int, insecure_no_auth: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line, with the request's generation_id.",
+)
+def serve(
+    host: str, port: int, workers: int, insecure_no_auth: bool, log_format: LogFormat
+) -> None:
     """Serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, ...)."""
     import uvicorn
 
@@ -635,6 +645,7 @@ def serve(host: str, port: int, workers: int, insecure_no_auth: bool) -> None:
         loop="uvloop",
         http="httptools",
         log_level="info",
+        log_config=log_config(log_format),
     )
 
 

@@ -24,10 +24,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from openfusion.cluster import Shared, retry_after
 from openfusion.cost import Price
 from openfusion.engine import DEPTH_HEADER, FusionCallEvent, ToolEvent
+from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import RunStart
 from openfusion.errors import ConfigError
+from openfusion.logs import generation_id as current_generation
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
 from openfusion.server.auth import BearerAuth, KeyGate
@@ -42,13 +45,15 @@ from openfusion.server.completions import (
     Text,
 )
 from openfusion.server.errors import APIError, from_validation
+from openfusion.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
 from openfusion.server.runs_api import RunsAPI, conditional_json
 from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering
 from openfusion.server.sse import DONE, KEEPALIVE, ChunkEncoder, progress, with_keepalive
+from openfusion.server.telemetry import Telemetry
 from openfusion.server.ui import TraceViewer
 from openfusion.settings import Settings
-from openfusion.store import Store
+from openfusion.store import KeyRecord, Store
 from openfusion.store.recorder import StoreRecorder, secret_values
 from openfusion.tools import ToolRegistry
 from openfusion.types import Usage
@@ -125,11 +130,23 @@ class Server:
         store: Store,
         recorder: StoreRecorder,
         tools: ToolRegistry | None = None,
+        *,
+        shared: Shared,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.completions = Completions(settings, registry, tools)
-        self.metering = Metering(store.ledger, recorder, settings.server.default_reservation_usd)
+        self.shared = shared
+        self.completions = Completions(settings, registry, tools, shared.breaker)
+        self.metrics = Metrics(self.completions.caller.breaker)
+        self.telemetry = telemetry
+        self.metering = Metering(
+            store.ledger,
+            recorder,
+            settings.server.default_reservation_usd,
+            budgets=shared.budgets,
+            after=self.settled,
+        )
         self.runs = RunsAPI(store.runs)
 
     async def chat(self, request: Request) -> Response:
@@ -183,8 +200,13 @@ class Server:
         depth = _depth(request)
         key = getattr(request.state, "api_key", None)
         key_id: str | None = key.id if key is not None else None
+        if key is not None and (key.rpm or key.tpm):
+            await self._admit(key)
         generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
+        current_generation.set(generation_id)
         metered = await self.metering.start(key_id, generation_id, body.max_cost)
+        metered.tpm = key.tpm if key is not None else None
+        self.metrics.in_flight.inc()
         try:
             if metered.reservation is not None:
                 body = body.model_copy(update={"max_cost": metered.reservation.amount})
@@ -195,6 +217,47 @@ class Server:
             await metered.settle()
             raise
         return Started(outputs, metered, generation_id, body.model)
+
+    async def _admit(self, key: KeyRecord) -> None:
+        """429 with ``Retry-After`` when the key is over its requests or tokens per minute."""
+        wait = await self.shared.limiter.admit(key.id, key.rpm, key.tpm)
+        if wait is None:
+            return
+        self.metrics.rate_limited.inc()
+        limits = ", ".join(
+            f"{value} {unit} per minute"
+            for value, unit in ((key.rpm, "requests"), (key.tpm, "tokens"))
+            if value
+        )
+        error = APIError(
+            429,
+            f"rate limit: API key {key.id} may send {limits}; retry in {retry_after(wait)} s",
+            {"failure_reason": "rate_limited", "retry_after": round(wait, 3)},
+        )
+        error.headers["Retry-After"] = retry_after(wait)
+        raise error
+
+    async def settled(self, run: MeteredRun) -> None:
+        """After a request's run and spend are recorded: its metrics, its trace, its tokens
+        against the key's per-minute limit."""
+        self.metrics.in_flight.dec()
+        if run.log is None:
+            return
+        end = run.log.end
+        cost = end.usage.cost if end is not None and end.usage is not None else None
+        log.info(
+            "%s run %s: %s in %s ms, cost %s",
+            run.log.kind,
+            run.generation_id,
+            run.log.status,
+            run.log.latency_ms,
+            "unknown" if cost is None else f"${cost:.6f}",
+        )
+        self.metrics.observe_run(run.log)
+        if self.telemetry is not None:
+            self.telemetry.emit(run.log)
+        if run.tpm and run.key_id is not None:
+            await self.shared.limiter.charge(run.key_id, run_tokens(run.log))
 
     async def collect(self, request: Request, started: Started) -> Collected:
         """The whole run (cancelled if the client goes away), settled."""
@@ -275,6 +338,16 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
+
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus metrics; with API keys, for an admin key only (like every run's trace)."""
+        key = getattr(request.state, "api_key", None)
+        if key is not None and not key.admin:
+            raise APIError(
+                403,
+                "/metrics needs an admin key: `openfusion keys admin ID on` on the server",
+            )
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 class ChatRenderer:
@@ -366,6 +439,16 @@ def per_token(usd: float) -> str:
     return text or "0"
 
 
+def run_tokens(run: RunLog) -> int:
+    """Prompt and completion tokens of every model call the run made."""
+    total = 0
+    for span in run.spans:
+        if span.kind == "model":
+            usage = span.data.get("usage") or {}
+            total += (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+    return total
+
+
 def usage_dict(final: Final) -> dict[str, Any]:
     usage = final.usage.to_dict()
     usage["cost_details"] = final.cost_details
@@ -448,11 +531,15 @@ def create_app(
     store: Store | None = None,
     recorder: StoreRecorder | None = None,
     tools: ToolRegistry | None = None,
+    shared: Shared | None = None,
+    telemetry: Telemetry | None = None,
 ) -> ASGIApp:
     """The app; spend, budgets, API keys and runs live in ``store`` (default: the store of
     ``settings.database``), written by ``recorder`` (default: one on ``store``); panel tools come
-    from ``tools`` (default: the built-ins ``[tools]`` configures). The trace viewer answers
-    under ``/ui``, behind the same key gate as the API (``server/ui``)."""
+    from ``tools`` (default: the built-ins ``[tools]`` configures). ``shared``: rate limits,
+    hot budgets and the breaker (default: through ``redis_url`` if set, else this process's);
+    ``telemetry``: spans of each run (default: OTLP to ``otlp_endpoint`` if set, else none).
+    The trace viewer answers under ``/ui``, behind the same key gate as the API (``server/ui``)."""
     settings = settings or Settings.load()
     registry = registry or ProviderRegistry(settings)
     store = store or Store.for_settings(settings)
@@ -463,7 +550,10 @@ def create_app(
         keep_days=settings.store.keep_days,
         max_mb=settings.store.max_mb,
     )
-    server = Server(settings, registry, store, recorder, tools)
+    shared = shared or Shared.for_settings(settings, store.ledger)
+    if telemetry is None and settings.otlp_endpoint:
+        telemetry = Telemetry.otlp(settings.otlp_endpoint)
+    server = Server(settings, registry, store, recorder, tools, shared=shared, telemetry=telemetry)
     gate = KeyGate(store.keys)
     viewer = TraceViewer(gate, store.sessions, server.runs)
 
@@ -471,13 +561,17 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.init()
         await recorder.start()  # also marks the runs of crashed processes unfinished
+        shared.start()
         try:
             yield
         finally:
             await server.metering.drain()
             await recorder.aclose()
+            await shared.aclose()
             await store.aclose()
             await registry.aclose()
+            if telemetry is not None:
+                telemetry.shutdown()
 
     def handle(
         endpoint: Callable[[Request], Awaitable[Response]],
@@ -498,20 +592,20 @@ def create_app(
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(APIError(exc.status_code, message))
 
+    routes = [
+        Route("/v1/chat/completions", handle(server.chat), methods=["POST"]),
+        Route("/v1/responses", handle(server.responses), methods=["POST"]),
+        Route("/v1/models", handle(server.models), methods=["GET"]),
+        Route("/v1/generation", handle(server.generation), methods=["GET"]),
+        Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),
+        Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
+        Route("/health", handle(server.health), methods=["GET"]),
+        Route("/metrics", handle(server.prometheus), methods=["GET"]),
+    ]
     app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", handle(server.chat), methods=["POST"]),
-            Route("/v1/responses", handle(server.responses), methods=["POST"]),
-            Route("/v1/models", handle(server.models), methods=["GET"]),
-            Route("/v1/generation", handle(server.generation), methods=["GET"]),
-            Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),
-            Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
-            Route("/health", handle(server.health), methods=["GET"]),
-        ],
-        exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
+        routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan
     )
-    return viewer.mount(BearerAuth(app, gate))
+    return MetricsMiddleware(viewer.mount(BearerAuth(app, gate)), server.metrics, routes)
 
 
 def app_from_env() -> ASGIApp:

@@ -38,7 +38,7 @@ from openfusion.engine import (
 from openfusion.engine.budget import Budget
 from openfusion.engine.fusion import configured_tools
 from openfusion.engine.options import RunOptions
-from openfusion.engine.policy import Caller
+from openfusion.engine.policy import Caller, CircuitBreaker
 from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import CallObserver, ModelCallEvent, RunKind, Stage
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
@@ -100,11 +100,15 @@ def fusion_object(result: FusionResult) -> dict[str, Any]:
 
 class Completions:
     def __init__(
-        self, settings: Settings, registry: ProviderRegistry, tools: ToolRegistry | None = None
+        self,
+        settings: Settings,
+        registry: ProviderRegistry,
+        tools: ToolRegistry | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.caller = Caller.from_settings(registry, settings)
+        self.caller = Caller.from_settings(registry, settings, breaker=breaker)
         """One for the process: retries and fallbacks per call, breaker state across calls."""
         self._tools = tools
         self._prompts: dict[tuple[tuple[str, Path], ...], PromptSet] = {}

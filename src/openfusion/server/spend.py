@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
+from openfusion.cluster import HotBudgets
 from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import RunEnd, RunStart
 from openfusion.server.completions import Final, Output, Text
 from openfusion.server.errors import APIError
-from openfusion.store import BudgetExhausted, Reservation, SpendLedger
+from openfusion.store import BudgetExhausted, Reservation, SpendLedger, SpendRow
+from openfusion.store.ledger import charge_of
 from openfusion.store.recorder import LedgerEntry, StoreRecorder
 
 log = logging.getLogger("openfusion.server")
@@ -45,6 +48,8 @@ class MeteredRun:
         self.key_id = key_id
         self.generation_id = generation_id
         self.reservation = reservation
+        self.tpm: int | None = None
+        """The key's tokens per minute, when it has a limit (its tokens are counted at the end)."""
         self.log: RunLog | None = None
         self._texts: list[str] = []
         self._final: Final | None = None
@@ -105,14 +110,27 @@ class MeteredRun:
 
 
 class Metering:
-    """The server's side of the ledger: a reservation per request, settled with its run."""
+    """The server's side of the ledger: a reservation per request, settled with its run.
+
+    With ``budgets`` (Redis: ``openfusion.cluster.HotBudgets``) reservations are checked there
+    and released there after the database has the run's spend; without, in the database.
+    ``after`` is awaited once per request when it has settled (metrics, traces, token counts),
+    whatever happened; its failure is logged."""
 
     def __init__(
-        self, ledger: SpendLedger, recorder: StoreRecorder, default_reservation: float
+        self,
+        ledger: SpendLedger,
+        recorder: StoreRecorder,
+        default_reservation: float,
+        *,
+        budgets: HotBudgets | None = None,
+        after: Callable[[MeteredRun], Awaitable[None]] | None = None,
     ) -> None:
         self.ledger = ledger
         self.recorder = recorder
         self.default_reservation = default_reservation
+        self.budgets = budgets
+        self.after = after
         self._settling: set[asyncio.Task[None]] = set()
 
     async def start(
@@ -123,13 +141,12 @@ class Metering:
         not fit."""
         reservation = None
         if key_id is not None:
+            reserve = self.ledger.reserve if self.budgets is None else self.budgets.reserve
             try:
                 if max_cost is not None:
-                    reservation = await self.ledger.reserve(key_id, max_cost)
+                    reservation = await reserve(key_id, max_cost)
                 else:
-                    reservation = await self.ledger.reserve(
-                        key_id, self.default_reservation, up_to=True
-                    )
+                    reservation = await reserve(key_id, self.default_reservation, up_to=True)
             except BudgetExhausted as exc:
                 raise APIError(402, str(exc), {"limit": exc.limit, "spent": exc.spent}) from exc
         return MeteredRun(self, key_id, generation_id, reservation)
@@ -141,15 +158,30 @@ class Metering:
         await asyncio.shield(task)
 
     async def _settle(self, run: MeteredRun) -> None:
-        reservation_id = run.reservation.id if run.reservation else None
+        reservation = run.reservation
+        reservation_id = reservation.id if reservation else None
+        charged = 0
         try:
             if run.log is not None:
                 entry = LedgerEntry(reservation_id, run.key_id)
                 await self.recorder.settle(run.log, run.end(), entry)
+                rows = [SpendRow(c.stage, c.model, c.cost) for c in run.log.calls()]
+                charged = charge_of(rows, reservation.amount_nano if reservation else None)
             elif reservation_id is not None:
                 await self.ledger.settle(reservation_id, run.generation_id, [])
         except Exception:
             log.exception("could not record the run and spend of %s", run.generation_id)
+            if self.budgets is not None and reservation is not None:
+                self.budgets.forget(reservation)  # it holds in Redis until the next rebuild
+        else:
+            if self.budgets is not None and reservation is not None:
+                await self.budgets.release(reservation, charged)
+        finally:
+            if self.after is not None:
+                try:
+                    await self.after(run)
+                except Exception:
+                    log.exception("after settling %s", run.generation_id)
 
     async def drain(self) -> None:
         """Wait for the settlements still running (at shutdown, before the store closes)."""
