@@ -1,9 +1,11 @@
-"""Real `openfusion serve` processes on one database (SQLite file, or PostgreSQL): a generation
-and a run are readable from every replica; kill -9 one with runs in flight, restart it: those
-runs read ``unfinished``, the other replica's run in flight is left alone, finished runs are
-intact, and the spend ledger equals the sum of the costs of the calls the runs recorded.
+"""Real `openfusion serve` processes on one database (SQLite file, or PostgreSQL, with or
+without Redis): a generation and a run are readable from every replica; kill -9 one with runs
+in flight, restart it: those runs read ``unfinished``, the other replica's run in flight is
+left alone, finished runs are intact, and the spend ledger equals the sum of the costs of the
+calls the runs recorded. Two replicas on PostgreSQL and Redis share one key's budget and rate
+limit under concurrent requests.
 
-Slow (about 20 s per database): it starts three server processes, each importing openfusion.
+Slow (about 20 s per case): it starts server processes, each importing openfusion.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 import aiohttp
 import pytest
-from helpers import ANALYSIS, POSTGRES_URL, create_key, in_store
+from helpers import ANALYSIS, POSTGRES_URL, REDIS_URL, create_key, in_store, new_redis_prefix
 from server_fixtures import bound_socket, config_dir, write_config, write_preset
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,12 +53,31 @@ SCRIPT = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    """The replicas' database: a SQLite file, or a PostgreSQL database of the test's own."""
+@dataclass(frozen=True)
+class Shared:
+    """What the replicas share: a database, and maybe Redis (a key prefix of the test's own)."""
+
+    database_url: str
+    redis_prefix: str | None = None
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql+redis"])
+async def shared(request: pytest.FixtureRequest) -> AsyncIterator[Shared]:
+    """A SQLite file, or a PostgreSQL database of the test's own (and Redis)."""
     if request.param == "sqlite":
-        yield Settings.load().database
+        yield Shared(Settings.load().database)
         return
+    async with postgres_database() as url:
+        if request.param == "postgresql":
+            yield Shared(url)
+            return
+        async with new_redis_prefix() as prefix:
+            yield Shared(url, prefix)
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A PostgreSQL database of the test's own, dropped after (skips if there is none)."""
     name = f"openfusion_test_{uuid.uuid4().hex[:12]}"
     admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
@@ -71,7 +94,7 @@ async def database_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
         await admin.dispose()
 
 
-def setup(database_url: str) -> dict[str, str]:
+def setup(shared: Shared) -> dict[str, str]:
     """Presets ``fast`` (a, b) and ``hang`` (a, slow: never done in the test's time), scripted
     models with known costs; the environment of the server processes."""
     script = config_dir() / "script.json"
@@ -85,22 +108,26 @@ def setup(database_url: str) -> dict[str, str]:
             f'["demo/{m}"]\nprompt = 0\ncompletion = 0\nrequest = {p}\n' for m, p in prices.items()
         )
     )
-    env = dict(os.environ, OPENFUSION_DATABASE_URL=database_url, OPENFUSION_RECORD="1")
+    env = dict(os.environ, OPENFUSION_DATABASE_URL=shared.database_url, OPENFUSION_RECORD="1")
+    if shared.redis_prefix is not None:
+        env.update(OPENFUSION_REDIS_URL=REDIS_URL, OPENFUSION_REDIS_PREFIX=shared.redis_prefix)
     env.pop("PYTHONWARNINGS", None)
     return env
 
 
 @contextmanager
-def server(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def server(
+    env: dict[str, str], *options: str, stderr: IO[bytes] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     sock = bound_socket()
     port = sock.getsockname()[1]
     sock.close()
     command = [sys.executable, "-c", "from openfusion.cli import main; main()", "serve"]
     process = subprocess.Popen(
-        [*command, "--port", str(port)],
+        [*command, "--port", str(port), *options],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr or subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -154,9 +181,9 @@ async def recorded_and_charged(settings: Settings) -> tuple[int, int]:
 
 
 async def test_replicas_share_runs_and_a_killed_one_leaves_unfinished_runs(
-    database_url: str,
+    shared: Shared,
 ) -> None:
-    env = setup(database_url)
+    env = setup(shared)
     settings = Settings.load({**env})
     key_id, key = create_key(settings, "team")
     await asyncio.to_thread(in_store, settings, lambda store: store.ledger.set_budget(key_id, 10))
@@ -206,3 +233,83 @@ async def all_started(session: aiohttp.ClientSession, url: str) -> set[str]:
             return {r["id"] for r in found}
         assert time.monotonic() < deadline, "the runs did not start"
         await asyncio.sleep(0.1)
+
+
+RUN_NANO = 3_900_000
+"""What a ``fast`` run costs (``SCRIPT``): a 0.001 + b 0.002 + analysis 0.0004 + answer 0.0005.
+Its worst case at the prices of ``setup`` is 0.004, so a request's ``max_cost`` of 0.0041
+fits it, and $0.02 holds four such requests at once."""
+
+
+async def test_two_replicas_share_a_budget_and_a_rate_limit(tmp_path: Path) -> None:
+    """PostgreSQL and Redis; one key with a budget of $0.02 and 10 requests a minute; 16
+    concurrent requests spread over both replicas."""
+    async with postgres_database() as url, new_redis_prefix() as prefix:
+        env = setup(Shared(url, prefix))
+        settings = Settings.load({**env})
+        key_id, key = create_key(settings, "team")
+        _, admin = create_key(settings, "ops", admin=True)
+
+        async def limit(store: Store) -> None:
+            await store.ledger.set_budget(key_id, 0.02)
+            await store.keys.set_limits(key_id, 10, None)
+
+        await asyncio.to_thread(in_store, settings, limit)
+        log_path = tmp_path / "a.log"
+        with (
+            log_path.open("wb") as log,
+            server(env, "--log-format", "json", stderr=log) as (a, a_url),
+            server(env) as (b, b_url),
+        ):
+            await asyncio.to_thread(wait_up, a_url, a)
+            await asyncio.to_thread(wait_up, b_url, b)
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as team:
+                urls = [a_url, b_url] * 8
+                answers = await asyncio.gather(*(send(team, url) for url in urls))
+                ok = [
+                    (url, gen)
+                    for url, (status, gen) in zip(urls, answers, strict=True)
+                    if status == 200 and gen is not None
+                ]
+                statuses = sorted(status for status, _ in answers)
+                # Every run and generation is visible from both replicas.
+                for url in (a_url, b_url):
+                    listed = (await get(team, url + "/v1/fusion/runs", limit="100"))["data"]
+                    assert {r["id"] for r in listed} == {gen for _, gen in ok}
+                    for _, gen in ok:
+                        data = (await get(team, url + "/v1/generation", id=gen))["data"]
+                        assert round(data["total_cost"] * NANO) == RUN_NANO
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as ops:
+                refused = 0.0
+                for url in (a_url, b_url):
+                    async with ops.get(url + "/metrics") as response:
+                        assert response.status == 200
+                        text = await response.text()
+                    refused += sum(
+                        float(line.split()[-1])
+                        for line in text.splitlines()
+                        if line.startswith("openfusion_rate_limited_total ")
+                    )
+        # The rate limit held across both: 10 admitted in the minute, 6 refused with 429.
+        assert statuses.count(429) == 6 and refused == 6
+        # The budget held: what was admitted either ran (200) or did not fit (402).
+        assert statuses.count(200) + statuses.count(402) == 10 and ok
+        budget = await asyncio.to_thread(in_store, settings, lambda s: s.ledger.budget(key_id))
+        assert budget.spent_nano == len(ok) * RUN_NANO <= budget.limit_nano
+        assert budget.reserved_nano == 0
+        calls, charged = await recorded_and_charged(settings)
+        assert calls == charged == budget.spent_nano
+        # Replica A's log: one JSON object a line; its runs' lines carry their generation ids.
+        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        tagged = {line["generation_id"] for line in lines if "generation_id" in line}
+        assert {gen for url, gen in ok if url == a_url} <= tagged
+        assert key not in log_path.read_text()
+
+
+async def send(session: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
+    body = {"model": "openfusion/fast", "messages": QUESTION, "max_cost": 0.0041}
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
+        await response.read()
+        if response.status == 429:
+            assert response.headers["Retry-After"].isdigit()
+        return response.status, response.headers.get("X-Generation-Id")

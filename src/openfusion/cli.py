@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging.config
 import sys
 import time
 from dataclasses import dataclass, field
@@ -628,14 +629,25 @@ def serve(
     if refusal:
         raise click.ClickException(refusal)
     err = Console(stderr=True, highlight=False)
-    if insecure_no_auth and not has_keys and not is_loopback(host):
-        err.print(f"[bold red]{escape(insecure_warning(host))}[/]")
+    logging.config.dictConfig(log_config(log_format))
+    log = logging.getLogger("openfusion.cli")
     auth = "API keys required" if has_keys else "no API keys"
-    err.print(
+    banner = (
         f"openfusion on http://{host}:{port}/v1 · {auth} · default preset {settings.preset_name}"
     )
     viewer = "log in with a key" if has_keys else "this machine only, no keys"
-    err.print(f"trace viewer at http://{host}:{port}/ui ({viewer})")
+    viewer_line = f"trace viewer at http://{host}:{port}/ui ({viewer})"
+    if insecure_no_auth and not has_keys and not is_loopback(host):
+        if log_format == "json":
+            log.warning(insecure_warning(host))
+        else:
+            err.print(f"[bold red]{escape(insecure_warning(host))}[/]")
+    if log_format == "json":  # every line on stderr is then a JSON object
+        log.info(banner)
+        log.info(viewer_line)
+    else:
+        err.print(banner)
+        err.print(viewer_line)
     uvicorn.run(
         "openfusion.server.app:app_from_env",
         factory=True,

@@ -203,8 +203,8 @@ class Server:
         if key is not None and (key.rpm or key.tpm):
             await self._admit(key)
         generation_id = f"gen-{int(time.time())}-{secrets.token_hex(8)}"
-        current_generation.set(generation_id)
         metered = await self.metering.start(key_id, generation_id, body.max_cost)
+        current_generation.set(generation_id)  # the logs of this run name it from here on
         metered.tpm = key.tpm if key is not None else None
         self.metrics.in_flight.inc()
         try:
