@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,6 +58,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MAX_SERIES = 5000
+"""Label sets kept; beyond, updates count under ``other`` (model ids come from requests)."""
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 class Metrics:
@@ -131,35 +135,47 @@ class Metrics:
         )
         if breaker is not None:
             r.register(BreakerCollector(breaker))
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: ``labels`` validates and locks on every
+        call, which costs more than the update itself."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= MAX_SERIES:  # clients choose model ids: stay bounded
+                return metric.labels(*["other"] * len(labels))
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observe_run(self, run: RunLog) -> None:
         """Count a settled run's calls, tokens, cost and timings (from its spans)."""
-        self.runs.labels(run.kind, run.status).inc()
+        child = self.child
+        child(self.runs, run.kind, run.status).inc()
         if run.latency_ms is not None:
-            self.stage_seconds.labels("run").observe(run.latency_ms / 1000)
+            child(self.stage_seconds, "run").observe(run.latency_ms / 1000)
         for span in run.spans:
             seconds = None if span.end_ms is None else (span.end_ms - span.start_ms) / 1000
             if span.kind == "model":
                 model = span.model or span.name
                 stage = span.stage or "call"
-                self.calls.labels(model, stage, span.status).inc()
+                child(self.calls, model, stage, span.status).inc()
                 if seconds is not None:
-                    self.call_seconds.labels(stage).observe(seconds)
+                    child(self.call_seconds, stage).observe(seconds)
                 usage = span.data.get("usage") or {}
                 for direction in ("prompt", "completion"):
                     tokens = usage.get(f"{direction}_tokens") or 0
                     if tokens:
-                        self.tokens.labels(model, direction).inc(tokens)
+                        child(self.tokens, model, direction).inc(tokens)
                 if span.cost:
-                    self.cost.labels(model).inc(span.cost)
+                    child(self.cost, model).inc(span.cost)
             elif span.kind == "tool":
-                self.tools.labels(span.name, span.status).inc()
+                child(self.tools, span.name, span.status).inc()
                 if span.cost:
-                    self.cost.labels(f"tool:{span.name}").inc(span.cost)
+                    child(self.cost, f"tool:{span.name}").inc(span.cost)
             elif seconds is not None:  # stages and members
-                self.stage_seconds.labels(span.stage if span.kind == "stage" else "member").observe(
-                    seconds
-                )
+                stage = (span.stage or span.name) if span.kind == "stage" else "member"
+                child(self.stage_seconds, stage).observe(seconds)
 
     def exposition(self) -> bytes:
         if os.environ.get(MULTIPROC_ENV):
@@ -213,8 +229,10 @@ class MetricsMiddleware:
             await self.app(scope, receive, sending)
         finally:
             route = self._route(scope)
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - began)
+            metrics = self.metrics
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            metrics.child(metrics.requests, route, method, str(status)).inc()
+            metrics.child(metrics.request_seconds, route).observe(time.perf_counter() - began)
 
     def _route(self, scope: Scope) -> str:
         if scope["path"] in self._exact:
