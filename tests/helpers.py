@@ -122,7 +122,7 @@ async def new_postgres_schema() -> AsyncIterator[str]:
             await engine.dispose()
 
 
-def _redis_reachable() -> bool:
+def redis_reachable() -> bool:
     try:
         with socket.create_connection(("127.0.0.1", 6379), timeout=1):
             return True
@@ -136,7 +136,7 @@ async def new_redis_prefix() -> AsyncIterator[str]:
     test skips, saying why, when Redis is not there)."""
     from redis.asyncio import Redis
 
-    if not _redis_reachable():
+    if not redis_reachable():
         pytest.skip(f"Redis is not reachable at 127.0.0.1:6379 ({REDIS_URL})")
     prefix = f"openfusion-test-{uuid.uuid4().hex[:12]}:"
     try:

@@ -5,13 +5,20 @@ a Redis that cannot be reached falls back to the database's locked path."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from helpers import REDIS_URL
+from click.testing import CliRunner
+from helpers import REDIS_URL, in_store, redis_reachable
 from redis.asyncio import Redis
+from server_fixtures import write_config
 
-from openfusion.cluster import HotBudgets
+from openfusion.cli import main
+from openfusion.cluster import HotBudgets, Shared
+from openfusion.cluster.budget import budget_key
+from openfusion.errors import ConfigError
 from openfusion.settings import Settings
 from openfusion.store import BudgetExhausted, SpendLedger, SpendRow, to_nano
 
@@ -149,3 +156,35 @@ async def test_unreachable_redis_reserves_in_the_database(
     up = HotBudgets(redis, redis_prefix, ledger)
     with pytest.raises(BudgetExhausted):  # built from the database: counts that hold
         await up.reserve(KEY, 0.7)
+
+
+def test_keys_budget_applies_at_once_on_replicas_with_redis() -> None:
+    """`openfusion keys budget` drops the key's Redis state: the next request rebuilds it."""
+    if not redis_reachable():
+        pytest.skip(f"Redis is not reachable at 127.0.0.1:6379 ({REDIS_URL})")
+    prefix = f"openfusion-test-{uuid.uuid4().hex[:12]}:"
+    write_config(f'redis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"\n')
+    runner = CliRunner()
+    assert runner.invoke(main, ["keys", "create", "ci", "--budget", "1"]).exit_code == 0
+    record = in_store(Settings.load(), lambda store: store.keys.find("ci"))
+    assert record is not None
+    state = budget_key(prefix, record.id)
+
+    async def redis_call(method: str, *args: object) -> object:
+        client = Redis.from_url(REDIS_URL)
+        try:
+            return await getattr(client, method)(*args)
+        finally:
+            await client.aclose()
+
+    asyncio.run(redis_call("hset", state, "limit", 1_000_000_000))
+    changed = runner.invoke(main, ["keys", "budget", "ci", "5"])
+    assert changed.exit_code == 0, changed.output
+    assert asyncio.run(redis_call("exists", state)) == 0
+
+
+def test_a_bad_redis_url_is_a_config_error() -> None:
+    settings = Settings.load()
+    bad = dataclasses.replace(settings, redis_url="http://127.0.0.1:6379")
+    with pytest.raises(ConfigError, match=r"redis_url: .*redis://127\.0\.0\.1:6379/0"):
+        Shared.for_settings(bad, SpendLedger(settings.database))

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from openfusion.cluster import forget_budget
 from openfusion.errors import ConfigError, StoreError
 from openfusion.settings import Settings
 from openfusion.store import BudgetStatus, RunFilter, Store, format_usd
@@ -141,6 +142,7 @@ def keys_budget(id_or_name: str, usd: str) -> None:
                 f"no API key with id or name {id_or_name!r}: `openfusion keys list` shows them"
             )
         await store.ledger.set_budget(record.id, amount)
+        await forget_budget(Settings.load(), record.id)  # with Redis: from the next request
         return (
             f"key {record.id} ({record.name}): {_budget_line(await store.ledger.budget(record.id))}"
         )

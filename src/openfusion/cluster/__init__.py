@@ -11,16 +11,21 @@ one-process form (logged), never to an error for the client.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from openfusion.cluster.breaker import SharedBreaker
-from openfusion.cluster.budget import HotBudgets
+from openfusion.cluster.budget import HotBudgets, budget_key
 from openfusion.cluster.ratelimit import LocalLimiter, RateLimiter, RedisLimiter, retry_after
 from openfusion.engine.policy import CircuitBreaker
+from openfusion.errors import ConfigError
 from openfusion.settings import Settings
 from openfusion.store.ledger import SpendLedger
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HotBudgets",
@@ -29,6 +34,8 @@ __all__ = [
     "RedisLimiter",
     "Shared",
     "SharedBreaker",
+    "connect",
+    "forget_budget",
     "retry_after",
 ]
 
@@ -46,7 +53,7 @@ class Shared:
     def for_settings(cls, settings: Settings, ledger: SpendLedger) -> Shared:
         if not settings.redis_url:
             return cls(LocalLimiter())
-        redis = Redis.from_url(settings.redis_url)
+        redis = connect(settings.redis_url)
         prefix = settings.redis_prefix
         retries = settings.retries
         return cls(
@@ -56,7 +63,14 @@ class Shared:
             redis,
         )
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start sharing the breaker; say in the log if Redis does not answer (each part then
+        works per process until it does)."""
+        if self.redis is not None:
+            try:
+                await self.redis.ping()
+            except RedisError as exc:
+                log.warning("Redis does not answer (%s): limits and breaker per process", exc)
         if isinstance(self.breaker, SharedBreaker):
             self.breaker.start()
 
@@ -65,3 +79,28 @@ class Shared:
             await self.breaker.aclose()
         if self.redis is not None:
             await self.redis.aclose()
+
+
+def connect(url: str) -> Redis:
+    """A client for ``redis_url`` (connections are made when first used)."""
+    try:
+        client: Redis = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        raise ConfigError(
+            f"redis_url: {exc}; expected e.g. redis://127.0.0.1:6379/0 (rediss:// for TLS)"
+        ) from exc
+    return client
+
+
+async def forget_budget(settings: Settings, key_id: str) -> None:
+    """Drop a key's budget state in Redis, so that a changed budget applies from the next
+    request instead of within ``DEFAULT_REFRESH`` seconds (nothing to do without Redis)."""
+    if not settings.redis_url:
+        return
+    redis = connect(settings.redis_url)
+    try:
+        await redis.delete(budget_key(settings.redis_prefix, key_id))
+    except RedisError as exc:
+        log.warning("could not reach Redis (%s): the new budget applies within 30 s", exc)
+    finally:
+        await redis.aclose()

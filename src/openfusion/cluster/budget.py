@@ -47,7 +47,7 @@ from openfusion.store.ledger import BudgetExhausted, Reservation, SpendLedger, t
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["DEFAULT_REFRESH", "HotBudgets"]
+__all__ = ["DEFAULT_REFRESH", "HotBudgets", "budget_key"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ return 1
 """
 
 
+def budget_key(prefix: str, key_id: str) -> str:
+    """The Redis hash of a key's budget state."""
+    return f"{prefix}budget:{key_id}"
+
+
 class HotBudgets:
     """``reserve`` and ``release`` for the server's metering, through Redis (see the module)."""
 
@@ -111,7 +116,7 @@ class HotBudgets:
         """Keys reserved through the database while Redis was unreachable."""
 
     def _key(self, key_id: str) -> str:
-        return f"{self.prefix}budget:{key_id}"
+        return budget_key(self.prefix, key_id)
 
     async def reserve(
         self, key_id: str, amount_usd: float, *, up_to: bool = False

@@ -561,7 +561,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.init()
         await recorder.start()  # also marks the runs of crashed processes unfinished
-        shared.start()
+        await shared.start()
         try:
             yield
         finally:
