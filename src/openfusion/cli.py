@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging.config
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from openfusion.engine.run import JUDGE_INDEX
 from openfusion.errors import ConfigError, OpenFusionError
 from openfusion.logs import LOG_FORMATS, LogFormat, log_config
 from openfusion.presets import Preset, list_presets, load_preset
-from openfusion.settings import Settings
+from openfusion.settings import ENV_LOG_FORMAT, Settings
 from openfusion.store.recorder import StoreRecorder
 from openfusion.types import Usage
 
@@ -629,8 +630,14 @@ def serve(
     if refusal:
         raise click.ClickException(refusal)
     err = Console(stderr=True, highlight=False)
-    logging.config.dictConfig(log_config(log_format))
     log = logging.getLogger("openfusion.cli")
+    json_logs = log_format == "json"
+    if json_logs:
+        logging.config.dictConfig(log_config("json"))
+        # Workers configure their logging in the app factory, not from uvicorn's log_config:
+        # unpickling our formatter would import openfusion before a worker answers uvicorn's
+        # 5-second health check, and a slow import would get it killed.
+        os.environ[ENV_LOG_FORMAT] = "json"
     auth = "API keys required" if has_keys else "no API keys"
     banner = (
         f"openfusion on http://{host}:{port}/v1 · {auth} · default preset {settings.preset_name}"
@@ -638,16 +645,17 @@ def serve(
     viewer = "log in with a key" if has_keys else "this machine only, no keys"
     viewer_line = f"trace viewer at http://{host}:{port}/ui ({viewer})"
     if insecure_no_auth and not has_keys and not is_loopback(host):
-        if log_format == "json":
+        if json_logs:
             log.warning(insecure_warning(host))
         else:
             err.print(f"[bold red]{escape(insecure_warning(host))}[/]")
-    if log_format == "json":  # every line on stderr is then a JSON object
+    if json_logs:  # every line on stderr is then a JSON object
         log.info(banner)
         log.info(viewer_line)
     else:
         err.print(banner)
         err.print(viewer_line)
+    options: dict[str, Any] = {"log_config": None} if json_logs else {}
     uvicorn.run(
         "openfusion.server.app:app_from_env",
         factory=True,
@@ -657,7 +665,7 @@ def serve(
         loop="uvloop",
         http="httptools",
         log_level="info",
-        log_config=log_config(log_format),
+        **options,
     )
 
 

@@ -67,6 +67,7 @@ ENV_DATABASE_URL = "OPENFUSION_DATABASE_URL"
 ENV_REDIS_URL = "OPENFUSION_REDIS_URL"
 ENV_REDIS_PREFIX = "OPENFUSION_REDIS_PREFIX"
 ENV_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_LOG_FORMAT = "OPENFUSION_LOG_FORMAT"
 ENV_DATA_DIR = "OPENFUSION_DATA_DIR"
 ENV_RECORD = "OPENFUSION_RECORD"
 DATABASE_FILE = "openfusion.db"
@@ -194,6 +195,8 @@ class Settings:
     redis_prefix: str = "openfusion:"
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector for the runs' spans (``None``: no spans)."""
+    log_format: str = "text"
+    """``json``: the server logs one JSON object a line (``serve --log-format json`` sets it)."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """A snapshot of the environment, for API keys. Not shown in ``repr`` (it holds secrets)."""
 
@@ -223,6 +226,7 @@ class Settings:
             redis_url=env.get(ENV_REDIS_URL) or config.redis_url,
             redis_prefix=env.get(ENV_REDIS_PREFIX) or config.redis_prefix,
             otlp_endpoint=env.get(ENV_OTLP_ENDPOINT) or config.otlp_endpoint,
+            log_format=env.get(ENV_LOG_FORMAT) or "text",
             env=env,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.config
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import RunStart
 from openfusion.errors import ConfigError
 from openfusion.logs import generation_id as current_generation
+from openfusion.logs import log_config
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
 from openfusion.server.auth import BearerAuth, KeyGate
@@ -45,7 +47,12 @@ from openfusion.server.completions import (
     Text,
 )
 from openfusion.server.errors import APIError, from_validation
-from openfusion.server.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from openfusion.server.metrics import (
+    CONTENT_TYPE_LATEST,
+    MULTIPROC_ENV,
+    Metrics,
+    MetricsMiddleware,
+)
 from openfusion.server.runs_api import RunsAPI, conditional_json
 from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering
@@ -138,7 +145,9 @@ class Server:
         self.registry = registry
         self.shared = shared
         self.completions = Completions(settings, registry, tools, shared.breaker)
-        self.metrics = Metrics(self.completions.caller.breaker)
+        self.metrics = Metrics(
+            self.completions.caller.breaker, multiprocess=bool(settings.env.get(MULTIPROC_ENV))
+        )
         self.telemetry = telemetry
         self.metering = Metering(
             store.ledger,
@@ -609,5 +618,9 @@ def create_app(
 
 
 def app_from_env() -> ASGIApp:
-    """The factory ``openfusion serve`` hands to uvicorn (each worker process builds its own)."""
-    return create_app()
+    """The factory ``openfusion serve`` hands to uvicorn (each worker process builds its own,
+    and sets up its JSON logs when ``OPENFUSION_LOG_FORMAT=json``)."""
+    settings = Settings.load()
+    if settings.log_format == "json":
+        logging.config.dictConfig(log_config("json"))
+    return create_app(settings)

@@ -31,7 +31,6 @@ Prometheus does with any fleet.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -53,7 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from openfusion.engine.policy import CircuitBreaker
 from openfusion.engine.runlog import RunLog
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+__all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "Metrics", "MetricsMiddleware"]
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
@@ -67,7 +66,11 @@ class Metrics:
     """The server's metrics, in a registry of their own (so that several apps in one process,
     as in tests, do not collide)."""
 
-    def __init__(self, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(
+        self, breaker: CircuitBreaker | None = None, *, multiprocess: bool = False
+    ) -> None:
+        """``multiprocess``: ``PROMETHEUS_MULTIPROC_DIR`` is set (``--workers N``)."""
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -133,8 +136,9 @@ class Metrics:
         self.rate_limited = Counter(
             "openfusion_rate_limited", "Requests refused by a key's rate limit (429).", registry=r
         )
-        if breaker is not None:
-            r.register(BreakerCollector(breaker))
+        self.breaker = BreakerCollector(breaker) if breaker is not None else None
+        if self.breaker is not None:
+            r.register(self.breaker)
         self._children: dict[tuple[object, ...], Any] = {}
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:
@@ -178,9 +182,11 @@ class Metrics:
                 child(self.stage_seconds, stage).observe(seconds)
 
     def exposition(self) -> bytes:
-        if os.environ.get(MULTIPROC_ENV):
+        if self.multiprocess:  # every worker's files, and this worker's breaker
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            if self.breaker is not None:
+                registry.register(self.breaker)
             return generate_latest(registry)
         return generate_latest(self.registry)
 
