@@ -12,8 +12,9 @@ circuit for every replica once the count reaches the threshold; a success clears
 when there is something to clear, so a healthy model costs no Redis call). A background task
 reads ``breaker:open`` every ``interval`` seconds and opens (or, when another replica closed
 it, closes) the local circuits to match: a circuit opened anywhere is open here within about
-``interval`` seconds, for the rest of its cooldown. Without Redis, or while it cannot be
-reached, each process keeps its own breaker as before.
+``interval`` seconds, for the rest of its cooldown. After the cooldown each replica lets its own
+half-open probe through (N replicas: up to N probes, not one). Without Redis, or while it cannot
+be reached, each process keeps its own breaker as before.
 """
 
 from __future__ import annotations
