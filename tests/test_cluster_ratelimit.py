@@ -9,7 +9,7 @@ import pytest
 from helpers import REDIS_URL
 from redis.asyncio import Redis
 
-from openfusion.cluster import LocalLimiter, RedisLimiter, retry_after
+from openfusion.cluster import LocalLimiter, RedisGate, RedisLimiter, retry_after
 
 
 class Clock:
@@ -84,9 +84,22 @@ async def test_redis_tokens_per_minute(redis: Redis, redis_prefix: str) -> None:
 
 async def test_redis_unreachable_falls_back_to_this_process(redis_prefix: str) -> None:
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    clock = Clock()
     try:
-        limiter = RedisLimiter(dead, redis_prefix)
+        limiter = RedisLimiter(dead, redis_prefix, RedisGate(pause=5, clock=clock))
         assert await limiter.admit("team", 1, None) is None
-        assert await limiter.admit("team", 1, None) is not None  # still limited, locally
+        calls: list[object] = []
+
+        async def counted(**kwargs: object) -> int:
+            calls.append(kwargs)
+            return 0
+
+        limiter._admit = counted  # type: ignore[assignment]
+        # The gate is shut: Redis is left alone, the limit still holds, in this process.
+        assert await limiter.admit("team", 1, None) is not None
+        assert calls == []
+        clock.now += 5  # the gate opens again: Redis is asked
+        assert await limiter.admit("team", 1, None) is None
+        assert len(calls) == 1
     finally:
         await dead.aclose()

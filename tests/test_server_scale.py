@@ -14,11 +14,12 @@ from helpers import create_key, in_store
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from server_fixtures import RunningServer, setup_demo
+from server_fixtures import RunningServer, config_dir, setup_demo
 
 from openfusion.logs import GenerationFilter, JSONFormatter, generation_id
 from openfusion.providers.scripted import Step
 from openfusion.server.telemetry import Telemetry
+from openfusion.store import Store
 
 Serve = Callable[..., RunningServer]
 QUESTION = {"role": "user", "content": "Who wrote Pride and Prejudice?"}
@@ -197,3 +198,28 @@ async def test_spans_per_run_stage_member_and_call(serve: Serve) -> None:
     assert {c.parent.span_id for c in calls if c.parent} == stages
     assert all(s.start_time <= s.end_time for s in exporter.get_finished_spans())
     assert run.start_time <= panel.start_time and panel.end_time <= run.end_time
+
+
+async def test_a_server_whose_redis_is_down_still_limits_and_holds_budgets(
+    serve: Serve,
+) -> None:
+    """Redis unreachable: rate limits fall back to this process, budgets to the database."""
+    demo = setup_demo('redis_url = "redis://127.0.0.1:1/0"\n')
+    prices = "".join(  # a key with a budget uses priced models only
+        f'["demo/{m}"]\nprompt = 0\ncompletion = 0\nrequest = 0.001\n' for m in "abc"
+    )
+    (config_dir() / "prices.toml").write_text(
+        prices + '["demo/judge"]\nprompt = 0\ncompletion = 0\nrequest = 0.001\n'
+    )
+    key_id, key = create_key(demo.settings, "team")
+
+    async def limits(store: Store) -> None:
+        await store.keys.set_limits("team", 2, None)
+        await store.ledger.set_budget(key_id, 1.0)
+
+    in_store(demo.settings, limits)
+    server = serve(demo.settings, demo.registry)
+    statuses = [(await post(server, key, {**FUSION, "max_cost": 0.5}))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    budget = in_store(demo.settings, lambda store: store.ledger.budget(key_id))
+    assert budget.spent_nano == 2 * 6_900_000 and budget.reserved_nano == 0  # as scripted

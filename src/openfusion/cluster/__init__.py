@@ -6,7 +6,8 @@ and ``redis_prefix`` (``RedisLimiter``, ``HotBudgets``, ``SharedBreaker``); with
 process's own (``LocalLimiter``, the database's locked reservations, the engine's breaker),
 exactly as a single server works. Redis holds nothing that cannot be lost: the database stays
 the truth (see ``budget.py``), and a Redis that cannot be reached degrades each part to its
-one-process form (logged), never to an error for the client.
+one-process form (logged), never to an error for the client, and is then left alone for a few
+seconds (``RedisGate``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 
 from openfusion.cluster.breaker import SharedBreaker
 from openfusion.cluster.budget import HotBudgets, budget_key
+from openfusion.cluster.gate import RedisGate
 from openfusion.cluster.ratelimit import LocalLimiter, RateLimiter, RedisLimiter, retry_after
 from openfusion.engine.policy import CircuitBreaker
 from openfusion.errors import ConfigError
@@ -31,6 +33,7 @@ __all__ = [
     "HotBudgets",
     "LocalLimiter",
     "RateLimiter",
+    "RedisGate",
     "RedisLimiter",
     "Shared",
     "SharedBreaker",
@@ -56,10 +59,13 @@ class Shared:
         redis = connect(settings.redis_url)
         prefix = settings.redis_prefix
         retries = settings.retries
+        gate = RedisGate()  # one for the process: a Redis down for one part is down for all
         return cls(
-            RedisLimiter(redis, prefix),
-            HotBudgets(redis, prefix, ledger),
-            SharedBreaker(redis, prefix, retries.breaker_threshold, retries.breaker_cooldown),
+            RedisLimiter(redis, prefix, gate),
+            HotBudgets(redis, prefix, ledger, gate=gate),
+            SharedBreaker(
+                redis, prefix, retries.breaker_threshold, retries.breaker_cooldown, gate=gate
+            ),
             redis,
         )
 

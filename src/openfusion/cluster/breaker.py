@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from openfusion.cluster.gate import RedisGate
 from openfusion.engine.policy import CircuitBreaker
 
 if TYPE_CHECKING:
@@ -66,9 +67,11 @@ class SharedBreaker(CircuitBreaker):
         *,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        gate: RedisGate | None = None,
     ) -> None:
         super().__init__(threshold, cooldown, clock)
         self.redis = redis
+        self.gate = gate or RedisGate()
         self.interval = interval
         self._fails_key = f"{prefix}breaker:fails"
         self._open_key = f"{prefix}breaker:open"
@@ -110,11 +113,16 @@ class SharedBreaker(CircuitBreaker):
             pipe.hdel(self._open_key, key)
             await pipe.execute()
 
-    def _spawn(self, work: object) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        if not self.gate.open():
+            work.close()
+            return
+
         async def run() -> None:
             try:
-                await work  # type: ignore[misc]
+                await work
             except RedisError as exc:
+                self.gate.failed()
                 log.warning("breaker: Redis unavailable (%s); this process decides alone", exc)
 
         task = asyncio.get_running_loop().create_task(run())
@@ -149,7 +157,9 @@ class SharedBreaker(CircuitBreaker):
     async def _sync_loop(self) -> None:
         while True:
             try:
-                await self.pull()
+                if self.gate.open():
+                    await self.pull()
             except RedisError as exc:
+                self.gate.failed()
                 log.warning("breaker: cannot read Redis (%s); this process decides alone", exc)
             await asyncio.sleep(self.interval)

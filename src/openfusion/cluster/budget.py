@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from openfusion.cluster.gate import RedisGate
 from openfusion.store.ledger import BudgetExhausted, Reservation, SpendLedger, to_nano
 
 if TYPE_CHECKING:
@@ -101,9 +102,16 @@ class HotBudgets:
     """``reserve`` and ``release`` for the server's metering, through Redis (see the module)."""
 
     def __init__(
-        self, redis: Redis, prefix: str, ledger: SpendLedger, *, refresh: float = DEFAULT_REFRESH
+        self,
+        redis: Redis,
+        prefix: str,
+        ledger: SpendLedger,
+        *,
+        refresh: float = DEFAULT_REFRESH,
+        gate: RedisGate | None = None,
     ) -> None:
         self.redis = redis
+        self.gate = gate or RedisGate()
         self.prefix = prefix
         self.ledger = ledger
         self.refresh = refresh
@@ -126,6 +134,9 @@ class HotBudgets:
         wanted = to_nano(amount_usd)
         if wanted < 0:
             raise ValueError(f"cannot reserve a negative amount: {amount_usd!r}")
+        if not self.gate.open():
+            self._missed.add(key_id)
+            return await self.ledger.reserve(key_id, amount_usd, up_to=up_to)
         try:
             if key_id in self._missed:
                 await self.redis.delete(self._key(key_id))
@@ -140,6 +151,7 @@ class HotBudgets:
                 await self.ledger.resize(held.id, 0)
                 raise
         except RedisError as exc:
+            self.gate.failed()
             log.warning("budgets: Redis unavailable (%s); reserving in the database", exc)
             self._missed.add(key_id)
             return await self.ledger.reserve(key_id, amount_usd, up_to=up_to)
@@ -163,12 +175,15 @@ class HotBudgets:
         epoch = self._epochs.pop(reservation.id, None)
         if epoch is None:  # reserved in the database: nothing of it in Redis
             return
+        if not self.gate.open():  # the hash holds too much until it is rebuilt: safe
+            return
         try:
             await self._release(
                 keys=[self._key(reservation.key_id)],
                 args=[epoch, reservation.amount_nano, charged_nano],
             )
         except RedisError as exc:  # the hash holds too much until it is rebuilt: safe
+            self.gate.failed()
             log.warning("budgets: could not release %s in Redis: %s", reservation.id, exc)
 
     def forget(self, reservation: Reservation) -> None:

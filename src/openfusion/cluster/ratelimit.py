@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from redis.exceptions import RedisError
 
+from openfusion.cluster.gate import RedisGate
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -139,9 +141,10 @@ class RedisLimiter:
     """The sliding window in Redis, shared by every replica using the same Redis and
     ``prefix``."""
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: Redis, prefix: str, gate: RedisGate | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.gate = gate or RedisGate()
         self._admit = redis.register_script(ADMIT)
         self._charge = redis.register_script(CHARGE)
         self._fallback = LocalLimiter()
@@ -151,11 +154,14 @@ class RedisLimiter:
 
     async def admit(self, key_id: str, rpm: int | None, tpm: int | None) -> float | None:
         window_ms = int(WINDOW * 1000)
+        if not self.gate.open():
+            return await self._fallback.admit(key_id, rpm, tpm)
         try:
             wait = await self._admit(
                 keys=self._keys(key_id), args=[window_ms, rpm or 0, tpm or 0, uuid.uuid4().hex]
             )
         except RedisError as exc:
+            self.gate.failed()
             log.warning("rate limits: Redis unavailable (%s); limiting in this process", exc)
             return await self._fallback.admit(key_id, rpm, tpm)
         return None if int(wait) <= 0 else int(wait) / 1000
@@ -165,9 +171,13 @@ class RedisLimiter:
             return
         window_ms = int(WINDOW * 1000)
         member = f"{uuid.uuid4().hex}:{tokens}"
+        if not self.gate.open():
+            await self._fallback.charge(key_id, tokens)
+            return
         try:
             await self._charge(keys=self._keys(key_id)[1:], args=[window_ms, member])
         except RedisError as exc:
+            self.gate.failed()
             log.warning("rate limits: Redis unavailable (%s); tokens counted here only", exc)
             await self._fallback.charge(key_id, tokens)
 
