@@ -27,7 +27,10 @@ holds more than needed until the next rebuild. **When Redis restarts** (or evict
 nothing is lost: the next request on each key rebuilds its hash from the database, which has
 every reservation and every spend. **When Redis cannot be reached**, reservations go through
 the database's locked path (``SpendLedger.reserve``), which counts the rows of both paths;
-the key's hash is dropped at the next successful use, since it missed those.
+the key's hash is dropped at the next successful use, since it missed those. The one gap: if
+only *some* replicas lose Redis, the others' hashes do not see the holds those make in the
+database until their next rebuild, so for up to ``refresh`` seconds a key can be held beyond
+its budget by at most those holds.
 
 Spend rows themselves are never in Redis: the run's end writes them in the database, in its
 own transaction, as without Redis (``StoreRecorder.settle``).
