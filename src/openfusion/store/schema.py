@@ -36,7 +36,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 metadata = MetaData()
 
