@@ -171,7 +171,7 @@ async def test_the_callers_calls_count_against_max_cost(settings: Settings) -> N
     caller = [Step("", tool_calls=(FUSE,), cost=None), Step(ANSWER, cost=None)]
     fusion, provider = tier(settings, panel(caller=caller), prices)
 
-    result = await fusion.call("s/caller", QUESTION, max_cost=0.001)  # too small to start
+    result = await fusion.call("s/caller", QUESTION, max_cost=0.0001)  # not even its prompt
     assert provider.calls == []
     assert (result.status, result.failure_reason) == ("error", "insufficient_credits")
     assert result.caller_failure is not None and result.caller_failure.reason == "budget"

@@ -295,16 +295,20 @@ def test_catalog_from_snapshot_sync_and_user_file(tmp_path: Path) -> None:
 
 
 async def test_calls_that_could_overrun_max_cost_are_not_started(settings: Settings) -> None:
-    # Worst case: ~1 prompt token + max_tokens 100 at $1e-4 = $0.0101; a real call: 3 tokens.
+    # Worst case: the prompt ("hi": at most 2 bytes + 16 tokens of overhead) + max_tokens 100,
+    # at $1e-4 a token = $0.0118; a real call (3 tokens) costs $0.0003.
     prices = {"s/m": Price(prompt=1e-4, completion=1e-4)}
     caller, provider, _ = caller_for({"m": Step("a b", cost=None)}, settings, prices=prices)
-    budget = Budget(limit=0.0105)
-    await caller.complete(["s/m"], REQUEST, budget)  # $0.0105 left >= $0.0101
-    await caller.complete(["s/m"], REQUEST, budget)  # $0.0102 left >= $0.0101
+    budget = Budget(limit=0.0125)
+    await caller.complete(["s/m"], REQUEST, budget)  # $0.0125 left >= $0.0118
+    await caller.complete(["s/m"], REQUEST, budget)  # $0.0122 left >= $0.0118
+    await caller.complete(["s/m"], REQUEST, budget)  # $0.0119 left
+    await caller.complete(["s/m"], REQUEST, budget)  # $0.0116 left: sent with max_tokens 98
+    assert [c.max_tokens for c in provider.calls] == [100, 100, 100, 98]
+    budget.spent = budget.limit - 0.0018 - 15e-4  # left: the prompt and 15 tokens of answer
     with pytest.raises(BudgetExceeded, match="could cost up to"):
-        await caller.complete(["s/m"], REQUEST, budget)  # $0.0099 left
-    assert len(provider.calls) == 2
-    assert budget.spent == pytest.approx(2 * 3e-4)
+        await caller.complete(["s/m"], REQUEST, budget)
+    assert len(provider.calls) == 4
     assert budget.reserved == 0
 
 

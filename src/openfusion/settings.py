@@ -38,6 +38,12 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     max_body_bytes = 1000000
     default_reservation_usd = 1.0      # held per request on a key with a budget, w/o max_cost
     reservation_ttl_seconds = 900.0    # older reservations (a crashed server's) stop counting
+    models = ["openrouter/*"]          # model ids clients may use besides the members and
+                                       # judges of the default preset and of user presets
+
+    [budget]
+    unpriced_call_usd = 0.01           # under a budget, a model without a price is refused,
+                                       # unless this sets what each of its calls is charged
 
     [store]
     record = true                      # the library and `openfusion ask` record their runs
@@ -121,6 +127,20 @@ class ServerSettings(BaseModel):
     """A reservation older than this (its server crashed) no longer counts against a budget."""
     ui_session_hours: float = Field(12.0, gt=0)
     """How long a login to the trace viewer (``/ui``) lasts, unless its user logs out first."""
+    models: tuple[str, ...] | None = None
+    """Model ids clients may use (``*`` wildcards: ``"openrouter/*"``) besides the members
+    and judges of the default preset and of the user's presets. Nothing else is called — in
+    particular the embedded model is not loaded unless configured."""
+
+
+class BudgetSettings(BaseModel):
+    """Budgets (``max_cost``, an API key's budget) and what they cannot price."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    unpriced_call_usd: float | None = Field(None, ge=0, allow_inf_nan=False)
+    """What a call of a model without a known price is charged under a budget; ``None``
+    (default): such calls are refused under a budget, since their cost has no bound."""
 
 
 class StoreSettings(BaseModel):
@@ -151,6 +171,7 @@ class ConfigFile(BaseModel):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: RetrySettings = Field(default_factory=RetrySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
 
 
@@ -182,6 +203,7 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retries: RetrySettings = field(default_factory=RetrySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
     tools: Mapping[str, Any] = field(default_factory=dict)
     store: StoreSettings = field(default_factory=StoreSettings)
     data_dir: Path | None = None
@@ -220,6 +242,7 @@ class Settings:
             retries=config.retries,
             tools=config.tools,
             server=config.server,
+            budget=config.budget,
             store=store,
             data_dir=data_dir,
             database_url=env.get(ENV_DATABASE_URL) or config.database_url,

@@ -2,7 +2,9 @@
 
 The member may call tools up to ``max_tool_calls`` times; once that many were made it is asked
 once more with no tools offered, so it always ends with an answer.
-Tool output reaches the model fenced as untrusted data (the registry does that).
+Tool output reaches the model fenced as untrusted data (the registry does that). Under a
+budget, a tool call is admitted like a model call: its price is reserved before it runs (a
+tool whose price is unknown is not run) and settled with what it cost.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from openfusion.engine.budget import Budget
+from openfusion.engine.budget import Budget, BudgetExceeded
 from openfusion.engine.policy import Caller
 from openfusion.engine.result import ToolCallRecord
 from openfusion.engine.trace import CallObserver
 from openfusion.errors import ProviderError
-from openfusion.tools import Source, ToolRegistry
-from openfusion.types import CompletionRequest, Message, Usage
+from openfusion.tools import Source, ToolRegistry, ToolResult
+from openfusion.types import CompletionRequest, Message, ToolCall, Usage
 
 RESULT_PREVIEW = 500
 """Characters of each tool result kept in the member's record."""
@@ -86,7 +88,7 @@ async def answer_with_tools(
                 continue
             made += 1
             started = time.monotonic()
-            result = await tools.call(tool_call.name, tool_call.arguments)
+            result = await _run_tool(caller, tools, tool_call, budget)
             usage += Usage(cost=result.cost)
             sources.extend(result.sources)
             record = ToolCallRecord(
@@ -100,3 +102,26 @@ async def answer_with_tools(
             records.append(record)
             on_tool(record, started)
             messages.append(Message("tool", result.content, tool_call_id=tool_call.id))
+
+
+async def _run_tool(
+    caller: Caller, tools: ToolRegistry, call: ToolCall, budget: Budget | None
+) -> ToolResult:
+    """Run one tool call; under a budget, its price (``prices.toml``'s ``[tools]``, else the
+    tool's own) is reserved first and settled with what the call cost."""
+    found = tools.get(call.name)
+    if budget is None or found is None:  # an unknown tool costs nothing: it is an error
+        return await tools.call(call.name, call.arguments)
+    price = caller.prices.tool_price(found.name)
+    try:
+        reservation = budget.reserve(f"tool {found.name}", found.price if price is None else price)
+    except BudgetExceeded as exc:
+        error = f"{found.name}: {exc.message}"
+        return ToolResult(content=f"Tool error. {error}", cost=0.0, error=error)
+    try:
+        result = await tools.call(call.name, call.arguments)
+    except BaseException:  # cancelled: what it cost is unknown, so it costs the reservation
+        budget.settle(reservation, None)
+        raise
+    budget.settle(reservation, result.cost)
+    return result

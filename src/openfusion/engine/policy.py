@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from openfusion.cost import PriceCatalog
 from openfusion.engine.budget import (
     DEFAULT_MAX_TOKENS,
+    MIN_OUTPUT_TOKENS,
     Budget,
     BudgetExceeded,
-    estimate_prompt_tokens,
+    prompt_token_bound,
 )
 from openfusion.engine.trace import CallObserver, CallRecord
 from openfusion.errors import ConfigError, ProviderError
@@ -144,6 +145,7 @@ class Caller:
             PriceCatalog.load(settings.config_dir, settings.cache_dir),
             policy=RetryPolicy(r.attempts, r.base_delay, r.max_delay, r.max_retry_after),
             breaker=breaker or CircuitBreaker(r.breaker_threshold, r.breaker_cooldown),
+            unpriced_call_usd=settings.budget.unpriced_call_usd,
         )
 
     def __init__(
@@ -155,8 +157,12 @@ class Caller:
         breaker: CircuitBreaker | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        unpriced_call_usd: float | None = None,
     ) -> None:
         self.registry = registry
+        self.unpriced_call_usd = unpriced_call_usd
+        """What a call of a model without a price is charged under a budget (``None``: such
+        calls are refused under a budget, their cost could not be bounded)."""
         self.prices = prices
         self.policy = policy or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
@@ -200,8 +206,7 @@ class Caller:
             while True:
                 attempt += 1
                 try:
-                    async with self._slot(model_id, request, budget) as (provider, name, bill):
-                        call = dataclasses.replace(request, model=name)
+                    async with self._slot(model_id, request, budget) as (provider, call, bill):
                         completion = await provider.complete(honoured_part(provider, call))
                         usage = bill(completion.usage)
                 except ProviderError as exc:
@@ -262,9 +267,8 @@ class Caller:
                 attempt += 1
                 sent: list[str] = []
                 try:
-                    async with self._slot(model_id, request, budget) as (provider, name, bill):
+                    async with self._slot(model_id, request, budget) as (provider, call, bill):
                         answered.append(model_id)
-                        call = dataclasses.replace(request, model=name)
                         try:
                             async for chunk in provider.stream(honoured_part(provider, call)):
                                 if chunk.delta:
@@ -292,8 +296,10 @@ class Caller:
     @asynccontextmanager
     async def _slot(
         self, model_id: str, request: CompletionRequest, budget: Budget | None
-    ) -> AsyncIterator[tuple[Provider, str, Callable[[Usage], Usage]]]:
-        """Resolve, pass the breaker, reserve the budget; yields a function that prices usage.
+    ) -> AsyncIterator[tuple[Provider, CompletionRequest, Callable[[Usage], Usage]]]:
+        """Resolve, pass the breaker, reserve the budget; yields the provider, the call to send
+        it (under a budget, with the ``max_tokens`` the budget can pay) and a function that
+        prices usage.
 
         The reservation is settled whatever happens: by the priced cost, or by the reserved
         worst case when the call ended without a known cost (failed or cancelled mid-way).
@@ -303,16 +309,11 @@ class Caller:
         except ConfigError as exc:  # a failure of this slot, not of the whole run
             raise ProviderError(str(exc), reason="config_error") from exc
         probe = self.breaker.check(model_id)
-        reservation = 0.0
+        call = dataclasses.replace(request, model=name)
+        reservation, charge = 0.0, None
         if budget is not None:
-            chars = sum(len(m.content) for m in request.messages)
-            worst = self.prices.worst_case(
-                model_id,
-                estimate_prompt_tokens(chars),
-                request.max_tokens or DEFAULT_MAX_TOKENS,
-            )
             try:
-                reservation = budget.reserve(model_id, worst)
+                call, reservation, charge = self._admit(model_id, call, budget)
             except BudgetExceeded:
                 if probe:
                     self.breaker.release(model_id)
@@ -321,11 +322,13 @@ class Caller:
 
         def bill(usage: Usage) -> Usage:
             priced = self.prices.priced(model_id, usage)
+            if priced.cost is None and charge is not None:  # unpriced, at the stated charge
+                priced = dataclasses.replace(priced, cost=charge)
             billed.append(priced)
             return priced
 
         try:
-            yield provider, name, bill
+            yield provider, call, bill
         except ProviderError as exc:
             if probe and not exc.retryable:  # a 4xx says nothing of the model's health
                 self.breaker.release(model_id)
@@ -342,6 +345,38 @@ class Caller:
             self.breaker.success(model_id)
             if budget is not None:
                 budget.settle(reservation, billed[-1].cost if billed else None)
+
+    def _admit(
+        self, model_id: str, call: CompletionRequest, budget: Budget
+    ) -> tuple[CompletionRequest, float, float | None]:
+        """Reserve the worst case of ``call``: returns the call as it may go out (its
+        ``max_tokens`` cut to what the budget can pay), the reservation, and the flat charge
+        of an unpriced model (else ``None``). ``BudgetExceeded`` when it does not fit."""
+        price = self.prices.price(model_id)
+        if price is None:
+            charge = self.unpriced_call_usd
+            return call, budget.reserve(model_id, charge), charge
+        prompt = price.cost(Usage(prompt_tokens=prompt_token_bound(call)))
+        per_token = max(price.completion, price.reasoning or 0.0)
+        wanted = call.max_tokens or DEFAULT_MAX_TOKENS
+        if not budget.fit_output:  # the call as asked for, or not at all
+            return call, budget.reserve(model_id, prompt + wanted * per_token), None
+        max_tokens = wanted
+        if per_token > 0:
+            affordable = (budget.remaining - prompt) // per_token
+            max_tokens = int(min(wanted, max(affordable, 0)))
+        if max_tokens < min(wanted, MIN_OUTPUT_TOKENS):
+            raise budget.refuse(
+                model_id,
+                f"it could cost up to ${prompt + wanted * per_token:.6f} and "
+                f"${max(budget.remaining, 0):.6f} of max_cost ${budget.limit:.6f} is left "
+                f"(not enough for {min(wanted, MIN_OUTPUT_TOKENS)} tokens of answer)",
+            )
+        worst = prompt + max_tokens * per_token
+        if max_tokens < wanted:  # cut to what is left: no float rounding may refuse it
+            worst = min(worst, budget.remaining)
+        reservation = budget.reserve(model_id, worst)
+        return dataclasses.replace(call, max_tokens=max_tokens), reservation, None
 
     async def _retry(self, model_id: str, attempt: int, error: ProviderError) -> bool:
         """Record the failure; wait and return True if this model gets another try."""

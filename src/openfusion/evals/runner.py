@@ -109,7 +109,11 @@ class EvalRunner:
         _, records = self.store.open(self.manifest())
         self._check_items(records)
         prior = sum((r.cost or 0.0) + (r.grading_cost or 0.0) for r in records.values())
-        budget = Budget(self.plan.max_cost, spent=prior) if self.plan.max_cost else None
+        budget = (
+            Budget(self.plan.max_cost, spent=prior, fit_output=False)
+            if self.plan.max_cost
+            else None
+        )
         limit = asyncio.Semaphore(self.plan.concurrency)
         stop = asyncio.Event()
         if budget is not None and budget.remaining <= 0:

@@ -104,10 +104,18 @@ class Tool:
     fn: ToolFunction
     arguments: type[BaseModel]
     """Validates the arguments a model sends; its JSON schema is ``parameters``."""
+    price: float | None = None
+    """The most one call costs (USD): ``0.0`` for local work, ``None`` when unknown (a
+    budget then refuses to run it, unless ``prices.toml`` prices it under ``[tools]``)."""
 
     @classmethod
     def from_function(
-        cls, fn: ToolFunction, name: str | None = None, description: str | None = None
+        cls,
+        fn: ToolFunction,
+        name: str | None = None,
+        description: str | None = None,
+        *,
+        price: float | None = None,
     ) -> Tool:
         """Build a tool from a typed ``async def``: schema from its signature, text from its doc."""
         if not inspect.iscoroutinefunction(fn):
@@ -129,7 +137,7 @@ class Tool:
             default = ... if param.default is param.empty else param.default
             fields[param.name] = (hints[param.name], default)
         arguments = pydantic.create_model(f"{tool_name}_arguments", __base__=_Arguments, **fields)
-        return cls(name=tool_name, description=doc, fn=fn, arguments=arguments)
+        return cls(name=tool_name, description=doc, fn=fn, arguments=arguments, price=price)
 
     @functools.cached_property  # built once: every member turn of every run asks for it
     def parameters(self) -> dict[str, Any]:

@@ -312,6 +312,7 @@ class CorpusBackend:
     """``web_search`` over the local index. Free: each query costs 0.0."""
 
     name = "corpus"
+    price = 0.0
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path

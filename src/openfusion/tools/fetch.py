@@ -227,4 +227,4 @@ def web_fetch_tool(fetcher: Fetcher) -> Tool:
         page = await fetcher.fetch(url)
         return page_output(page, fetcher.config.max_bytes)
 
-    return Tool.from_function(web_fetch)
+    return Tool.from_function(web_fetch, price=0.0)

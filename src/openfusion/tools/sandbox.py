@@ -342,4 +342,4 @@ def run_code_tool(sandbox: Sandbox) -> Tool:
         f"stderr. It runs {where}, discarded afterwards, with a limit of {config.timeout:g} s "
         f"and {config.memory_mb} MB. Use it to compute or check things; print what you need."
     )
-    return Tool.from_function(run_code, description=description)
+    return Tool.from_function(run_code, description=description, price=0.0)

@@ -29,6 +29,8 @@ class SearchResults:
 
 
 class SearchBackend(Protocol):
+    """``name``; and ``price``, the most one query costs (USD), when the backend knows it."""
+
     name: str
 
     async def search(self, query: str, max_results: int) -> SearchResults:
@@ -79,7 +81,8 @@ def web_search_tool(
             return ToolOutput(text=text, cost=found.cost)
         return ToolOutput(text=format_hits(found.hits), sources=found.hits, cost=found.cost)
 
-    return Tool.from_function(web_search)
+    # A backend that does not say what a query costs is of unknown price (refused under a budget).
+    return Tool.from_function(web_search, price=getattr(backend, "price", None))
 
 
 def format_hits(hits: tuple[Source, ...]) -> str:

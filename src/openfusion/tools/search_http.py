@@ -61,8 +61,11 @@ class HTTPSearchBackend:
         parse: Callable[[Any, int], tuple[list[Source], float | None]],
         timeout: float,
         hint_on_forbidden: str,
+        price: float,
     ) -> None:
         self.name = name
+        self.price = price
+        """The most one query costs (USD): what a budget reserves for it."""
         self._build = build
         self._parse = parse
         self._timeout = timeout
@@ -178,6 +181,7 @@ def create_searxng(settings: Settings, tool_settings: ToolSettings) -> HTTPSearc
         timeout=tool_settings.fetch_timeout,
         hint_on_forbidden="enable the json format (search.formats: [html, json]) in the "
         "instance's settings.yml",
+        price=0.0,
     )
 
 
@@ -207,6 +211,7 @@ def create_tavily(settings: Settings, tool_settings: ToolSettings) -> HTTPSearch
         parse=parse,
         timeout=tool_settings.fetch_timeout,
         hint_on_forbidden="check TAVILY_API_KEY",
+        price=TAVILY_COST,
     )
 
 
@@ -237,6 +242,7 @@ def create_brave(settings: Settings, tool_settings: ToolSettings) -> HTTPSearchB
         parse=parse,
         timeout=tool_settings.fetch_timeout,
         hint_on_forbidden="check BRAVE_API_KEY",
+        price=BRAVE_COST,
     )
 
 
@@ -272,4 +278,5 @@ def create_exa(settings: Settings, tool_settings: ToolSettings) -> HTTPSearchBac
         parse=parse,
         timeout=tool_settings.fetch_timeout,
         hint_on_forbidden="check EXA_API_KEY",
+        price=EXA_COST,
     )
