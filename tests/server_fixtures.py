@@ -99,9 +99,18 @@ class Demo:
         return [call.model for call in self.provider.calls]
 
 
-def setup_demo(config: str = "", **extra: StepSource) -> Demo:
+def setup_demo(config: str = "", *, served: str | None = "*", **extra: StepSource) -> Demo:
     """Preset ``demo`` (panel ``demo/a``, ``demo/b``, ``demo/c``, judge ``demo/judge``), also
-    the default preset; ``config`` is appended to config.toml, ``extra`` to the script."""
+    the default preset; ``config`` is appended to config.toml, ``extra`` to the script.
+    ``served`` goes to ``[server] models``: by default every model (the allow-list has tests of
+    its own); ``None``: only the presets' models."""
+    if served is not None:
+        line = f'models = ["{served}"]\n'
+        config = (
+            config.replace("[server]\n", "[server]\n" + line, 1)
+            if "[server]\n" in config
+            else f"{config}\n[server]\n{line}"
+        )
     write_config(f'default_preset = "demo"\n{config}')
     write_preset("demo", "demo/judge", ["demo/a", "demo/b", "demo/c"])
     settings = Settings.load()

@@ -41,8 +41,9 @@ async def chat(server: RunningServer, body: dict[str, Any]) -> tuple[int, str, d
 
 
 def mock_provider(up: MockUpstream, options: str = "") -> Settings:
-    """Provider ``mock`` at the mock upstream, and a price for ``mock/m``."""
+    """Provider ``mock`` at the mock upstream (its models served), and a price for ``mock/m``."""
     write_config(
+        '[server]\nmodels = ["mock/*"]\n'
         f'[providers.mock]\ntype = "openai_compat"\nbase_url = "{up.base_url}"\n'
         f'api_key_env = ""\n{options}'
     )

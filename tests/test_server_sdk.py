@@ -351,7 +351,10 @@ async def test_whole_panel_failing_in_a_stream_is_an_error_event(serve: Serve) -
 
 async def test_upstream_failing_mid_stream_ends_with_an_error_event(serve: Serve) -> None:
     async with MockUpstream(Reply(content="Hello from the mock upstream.", cut_after=2)) as up:
-        write_config(f'[providers.mock]\ntype = "openai_compat"\nbase_url = "{up.base_url}"\n')
+        write_config(
+            '[server]\nmodels = ["mock/m"]\n'
+            f'[providers.mock]\ntype = "openai_compat"\nbase_url = "{up.base_url}"\n'
+        )
         server = serve(Settings.load())
         async with sdk(server) as client:
             stream = await client.chat.completions.create(

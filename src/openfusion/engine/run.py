@@ -93,6 +93,8 @@ class _Stage:
 
     usage: Usage
     error: AnalysisError | None = None
+    cut: bool = False
+    """The answer failed after part of it had gone out: what was sent is incomplete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,17 +165,34 @@ class FusionRun:
         error = analysed.error
         sources = citations.number_sources(self.sources)
         content = ""
+        cut: AnalysisError | None = None
+        """The synthesis failed after part of the answer went out."""
         if synthesise:
             content, synthesised = await self.synthesise(
                 labelled, analysis, responses[0].content, sources
             )
             stages["synthesis"] = synthesised.usage
             error = error or synthesised.error
+            cut = synthesised.error if synthesised.cut else None
         checked = citations.check(content, sources, responses, listing=not self.options.structured)
         if checked.content != content:  # the Sources list, streamed like the rest
             self.emit(AnswerDelta(checked.content[len(content) :]))
         failure = (_judge_reason(error.reason), error.message) if error else None
-        self.finish(responses, failures, checked.content, analysis, stages, failure, checked)
+        if cut is not None:  # the client holds half an answer: say so
+            failure = (
+                _judge_reason(cut.reason),
+                f"the answer was cut off mid-stream: {cut.message}",
+            )
+        self.finish(
+            responses,
+            failures,
+            checked.content,
+            analysis,
+            stages,
+            failure,
+            checked,
+            finish_reason="stop" if cut is None else "error",
+        )
 
     def finish(
         self,
@@ -184,6 +203,7 @@ class FusionRun:
         stages: dict[str, Usage],
         failure: tuple[FailureReason, str] | None,
         checked: citations.Citations | None = None,
+        finish_reason: str = "stop",
     ) -> None:
         error = failure is not None and failure[0] in PANEL_FAILURES
         sources = citations.number_sources(self.sources)
@@ -208,6 +228,7 @@ class FusionRun:
                     ),
                     annotations=checked.annotations if checked else (),
                     unverified_citations=checked.unverified if checked else (),
+                    finish_reason=finish_reason,
                 )
             )
         )
@@ -426,7 +447,8 @@ class FusionRun:
             if not parts:  # best effort: the first panel answer stands in for the fused one
                 parts.append(fallback)
                 self.emit(AnswerDelta(fallback))
-            return "".join(parts), _Stage(usage, error)
+                return "".join(parts), _Stage(usage, error)
+            return "".join(parts), _Stage(usage, error, cut=True)
         self.emit(StageEvent("synthesis", "done", elapsed, usage))
         return "".join(parts).strip(), _Stage(usage)
 

@@ -216,6 +216,14 @@ def load_preset_file(path: Path) -> Preset:
     return _parse(path.stem, text, str(path), path.parent)
 
 
+def user_preset_names(settings: Settings) -> list[str]:
+    """The names of the user's presets (``presets/*.toml`` in the config dir)."""
+    user_dir = settings.config_dir / "presets"
+    if not user_dir.is_dir():
+        return []
+    return sorted(p.stem for p in user_dir.glob("*.toml") if _NAME.match(p.stem))
+
+
 def list_presets(settings: Settings) -> list[Preset]:
     """Every named preset, shipped and user (a user file shadows a shipped one of that name)."""
     shipped = resources.files(__package__).iterdir()

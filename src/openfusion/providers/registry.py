@@ -60,8 +60,7 @@ class ProviderRegistry:
             return self._instances[name]
         config = self._settings.providers.get(name)
         if config is None:
-            known = ", ".join(sorted({*self._settings.providers, *self._instances}))
-            raise ConfigError(f"unknown provider {name!r}; configured providers: {known}")
+            raise self._unknown(name)
         target = ADAPTERS.get(config.type)
         if target is None:
             raise ConfigError(
@@ -73,6 +72,17 @@ class ProviderRegistry:
         instance = factory(name, config, self._settings)
         self._instances[name] = instance
         return instance
+
+    def check(self, model_id: str) -> None:
+        """``ConfigError`` for a malformed id or an unknown provider, without building the
+        provider (a model that is not going to be called must not load anything)."""
+        name = ModelRef.parse(model_id).provider
+        if name not in self._instances and name not in self._settings.providers:
+            raise self._unknown(name)
+
+    def _unknown(self, name: str) -> ConfigError:
+        known = ", ".join(sorted({*self._settings.providers, *self._instances}))
+        return ConfigError(f"unknown provider {name!r}; configured providers: {known}")
 
     def resolve(self, model_id: str) -> tuple[Provider, str]:
         ref = ModelRef.parse(model_id)

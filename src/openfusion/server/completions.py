@@ -12,13 +12,21 @@ JSON and SSE responses of either API are renderings of one run:
 - anything else: a plain call, with ``models`` as fallbacks.
 
 Everything that can be checked is checked in ``plan`` (unknown model, preset, missing key, a
-field the model cannot honour), so a bad request is a 400 even when it asked for a stream.
+field the model cannot honour, a model this server does not serve, a fusion asked for past the
+maximum depth), so a bad request is a 400 even when it asked for a stream.
+
+A server serves only the models its deployment configures: the members and judges of the
+default preset and of the user's presets, and those ``[server] models`` lists. A fusion request
+arriving deeper than ``max_depth`` came from a depth-limited call that reached this gateway
+again (a preset's judge pointing back at it): it is refused, so such a loop ends after one
+round.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+import fnmatch
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,7 @@ from openfusion.engine.policy import Caller, CircuitBreaker
 from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import CallObserver, ModelCallEvent, RunKind, Stage
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
-from openfusion.presets import Preset, load_preset
+from openfusion.presets import Preset, load_preset, user_preset_names
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.base import refused_fields
@@ -112,6 +120,7 @@ class Completions:
         """One for the process: retries and fallbacks per call, breaker state across calls."""
         self._tools = tools
         self._prompts: dict[tuple[tuple[str, Path], ...], PromptSet] = {}
+        self._served: tuple[str, ...] | None = None
 
     def _prompts_for(self, preset: Preset) -> PromptSet:
         """One prompt set per distinct override set, so Jinja compiles each template once
@@ -145,14 +154,25 @@ class Completions:
         """The request's outputs; ``run`` (when given) gets its kind and every call it makes."""
         messages = tuple(m.to_message() for m in body.messages)
         params = body.fusion_params
-        at_limit = depth >= self.settings.server.max_depth
+        max_depth = self.settings.server.max_depth
+        at_limit = depth >= max_depth
         candidates = [body.model, *(body.models or [])]
+        if depth > max_depth and (is_fusion_model(body.model) or params is not None):
+            raise APIError(
+                400,
+                f"fusion depth {depth} is past the maximum ({max_depth}): this request comes "
+                "from a depth-limited call that reached this gateway again (does a preset's "
+                "judge or member point back at it?); point that model at a plain upstream",
+                {"depth": depth, "max_depth": max_depth},
+            )
         if is_fusion_model(body.model):
             _refuse_on_a_fusion_model(body)
             preset = self._preset(body.model, params)
+            self._check_served(preset.judges, "model")
             if at_limit:
                 limit = self._limit_note(depth)
                 return self._plain(preset.judges, messages, body, depth, limit, run)
+            self._check_served(_panel_models(preset), "model")
             fusion = self._fusion_for(preset, depth)
             _kind(run, "fusion")
             events = fusion.stream(
@@ -163,10 +183,14 @@ class Completions:
                 **_tool_options(params),
             )
             return self._outputs(events)
+        self._check_served(candidates[:1], "model")
+        self._check_served(candidates[1:], "models")
         if params is None or at_limit:
             note = self._limit_note(depth) if params is not None else None
             return self._plain(candidates, messages, body, depth, note, run)
-        fusion = self._fusion_for(self._preset(FUSION_ALIAS, params), depth)
+        preset = self._preset(FUSION_ALIAS, params)
+        self._check_served((*_panel_models(preset), *preset.judges), "plugins")
+        fusion = self._fusion_for(preset, depth)
         self._check_candidates(candidates, _request(body, messages, depth))
         functions = tuple(
             ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools
@@ -228,6 +252,35 @@ class Completions:
                     f"{refused[0]}: {model_id} cannot honour it (it does not support "
                     f"{', '.join(refused)}); leave it out or pick another model",
                     {"model": model_id, "fields": refused},
+                )
+
+    def served(self) -> tuple[str, ...]:
+        """The model ids (``*`` wildcards) this server calls: the members and judges of the
+        default preset and of the user's presets, and ``[server] models``."""
+        if self._served is None:
+            names = {self.settings.preset_name, *user_preset_names(self.settings)}
+            try:
+                presets = [load_preset(name, self.settings) for name in sorted(names)]
+            except ConfigError as exc:
+                raise APIError(503, f"this server's presets fail to load: {exc}") from exc
+            members = {m for p in presets for m in (*_panel_models(p), *p.judges)}
+            self._served = (*sorted(members), *(self.settings.server.models or ()))
+        return self._served
+
+    def _check_served(self, models: Iterable[str], field: str) -> None:
+        """A 400 naming the first of ``models`` this server does not serve."""
+        served = self.served()
+        for model_id in models:
+            if not any(fnmatch.fnmatchcase(model_id, pattern) for pattern in served):
+                try:  # a typo is better named as one
+                    self.registry.check(model_id)
+                except ConfigError as exc:
+                    raise _config_error(exc, model_id, field) from exc
+                raise APIError(
+                    400,
+                    f"{field}: {model_id} is not served by this server; it serves the models "
+                    "of its presets and those its operator lists in [server] models",
+                    {"model": model_id},
                 )
 
     def _limit_note(self, depth: int) -> dict[str, Any]:
@@ -313,6 +366,10 @@ class Completions:
             )
 
         return call_plainly()
+
+
+def _panel_models(preset: Preset) -> tuple[str, ...]:
+    return tuple(m for slot in preset.panel for m in slot.models)
 
 
 def _kind(run: RunLog | None, kind: RunKind) -> None:

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import ValidationError
 
 from openfusion.errors import ProviderError
 
+DEFAULT_RETRY_AFTER = 5
+"""Seconds a 429 tells the client to wait when the upstream did not say how long."""
+
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        metadata: dict[str, Any] | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.metadata = metadata or {}
         self.headers: dict[str, str] = {}
         """Response headers, e.g. the ``X-Generation-Id`` of a run that failed."""
+        if status == 429:  # a client that backs off needs to know for how long
+            wait = DEFAULT_RETRY_AFTER if retry_after is None else math.ceil(retry_after)
+            self.headers["Retry-After"] = str(max(wait, 1))
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.status, "message": self.message, "metadata": self.metadata}}
@@ -57,4 +71,5 @@ def from_provider(exc: ProviderError, model: str) -> APIError:
         upstream_status(exc.reason, exc.status),
         exc.message,
         {"model": model, "reason": exc.reason, "upstream_status": exc.status},
+        retry_after=exc.retry_after,
     )

@@ -38,7 +38,7 @@ from openfusion.engine import (
 )
 from openfusion.server.completions import Final, Output, Progress, Text
 from openfusion.server.errors import APIError, from_validation
-from openfusion.server.schema import ChatCompletionRequest, without_refused
+from openfusion.server.schema import MAX_COST_USD, ChatCompletionRequest, without_refused
 from openfusion.types import ToolCall
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     user: str | None = None
     stream_options: dict[str, Any] | None = None
-    max_cost: float | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, gt=0, le=MAX_COST_USD, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

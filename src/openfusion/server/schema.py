@@ -42,6 +42,10 @@ REFUSED: dict[str, str] = {
 value (``null``, ``false``, empty): field → why."""
 NO_OP: tuple[Any, ...] = (None, False, [], {}, ["text"], "disabled")
 
+MAX_COST_USD = 1_000_000.0
+"""The largest ``max_cost`` accepted (USD per request): a finite amount, far from the limits
+of the ledger's integer nano-USD."""
+
 
 def without_refused(data: Any, refused: dict[str, str]) -> Any:
     """``data`` without the refused fields set to a no-op value; a ``ValueError`` naming
@@ -206,8 +210,9 @@ class ChatCompletionRequest(_Edge):
     n: int | None = Field(None, ge=1, le=1)
     stream_options: StreamOptions | None = None
     usage: UsageOption | None = None
-    max_cost: float | None = Field(None, gt=0)
-    """USD: calls that could overrun it are not started (openfusion's own field)."""
+    max_cost: float | None = Field(None, gt=0, le=MAX_COST_USD, allow_inf_nan=False)
+    """USD: calls that could overrun it are not started (openfusion's own field). Finite and
+    at most ``MAX_COST_USD``, so it is an amount the ledger can hold."""
 
     @model_validator(mode="before")
     @classmethod
