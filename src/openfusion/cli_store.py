@@ -70,8 +70,9 @@ def _budget_line(status: BudgetStatus) -> str:
     if status.limit_nano is None:
         return f"no budget (spent {format_usd(status.spent_nano)})"
     remaining = status.remaining_nano or 0
+    over = f" ({format_usd(status.overshoot_nano)} overshoot)" * bool(status.overshoot_nano)
     return (
-        f"budget {format_usd(status.limit_nano)}: spent {format_usd(status.spent_nano)}, "
+        f"budget {format_usd(status.limit_nano)}: spent {format_usd(status.spent_nano)}{over}, "
         f"remaining {format_usd(max(remaining, 0))}"
     )
 
@@ -183,8 +184,10 @@ def _limits_line(rpm: int | None, tpm: int | None) -> str:
 
 @keys.command("list")
 def keys_list() -> None:
-    """List the keys: id, name, created, revoked, admin, budget, spent, remaining, and rate
-    limits when a key has one (never the key or its hash)."""
+    """List the keys: id, name, created, revoked, admin, budget, spent, remaining; and, when
+    a key has one, rate limits, overshoot (spent beyond what requests reserved: an upstream
+    billed past max_tokens) and held (by requests in flight; reservations older than [server]
+    reservation_ttl_seconds do not count). Never the key or its hash."""
 
     async def listing(store: Store) -> list[tuple[Any, BudgetStatus]]:
         return [(r, await store.ledger.budget(r.id)) for r in await store.keys.list()]
@@ -196,9 +199,14 @@ def keys_list() -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     columns = ["id", "name", "created", "revoked", "admin", "budget", "spent", "remaining"]
     limited = any(r.rpm or r.tpm for r, _ in rows)  # rate limit columns only when some key has one
-    for column in columns + ["rpm", "tpm"] * limited:
+    extra = {  # shown when some key has one, so the usual table stays narrow
+        "overshoot": [s.overshoot_nano for _, s in rows],
+        "held": [s.reserved_nano for _, s in rows],
+    }
+    shown = [name for name, values in extra.items() if any(values)]
+    for column in columns + ["rpm", "tpm"] * limited + shown:
         table.add_column(column)
-    for record, status in rows:
+    for index, (record, status) in enumerate(rows):
         remaining = status.remaining_nano
         table.add_row(
             record.id,
@@ -210,6 +218,7 @@ def keys_list() -> None:
             format_usd(status.spent_nano),
             "" if remaining is None else format_usd(max(remaining, 0)),
             *(["" if v is None else str(v) for v in (record.rpm, record.tpm)] * limited),
+            *(format_usd(extra[name][index]) if extra[name][index] else "" for name in shown),
         )
     Console(highlight=False).print(table)
 

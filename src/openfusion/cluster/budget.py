@@ -169,7 +169,12 @@ class HotBudgets:
             return None
         limit, spent, reserved = (int(v) for v in answer[1:4])
         raise BudgetExhausted(
-            key_id, limit_nano=limit, spent_nano=spent, reserved_nano=reserved, wanted_nano=wanted
+            key_id,
+            limit_nano=limit,
+            spent_nano=spent,
+            reserved_nano=reserved,
+            wanted_nano=wanted,
+            overshoot_nano=await self.ledger.overshoot(key_id),  # a refusal: one read more
         )
 
     async def release(self, reservation: Reservation, charged_nano: int) -> None:

@@ -148,7 +148,10 @@ class Metering:
                 else:
                     reservation = await reserve(key_id, self.default_reservation, up_to=True)
             except BudgetExhausted as exc:
-                raise APIError(402, str(exc), {"limit": exc.limit, "spent": exc.spent}) from exc
+                metadata = {"limit": exc.limit, "spent": exc.spent}
+                if exc.overshoot_nano:  # an upstream billed past what requests reserved
+                    metadata["overshoot"] = exc.overshoot
+                raise APIError(402, str(exc), metadata) from exc
         return MeteredRun(self, key_id, generation_id, reservation)
 
     async def settle(self, run: MeteredRun) -> None:

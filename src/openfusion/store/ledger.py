@@ -19,8 +19,10 @@ sharing the database — never hold more than the budget between them:
   that key; spent and reserved are then summed in one statement (one snapshot).
 
 A reservation older than ``reservation_ttl`` seconds was left by a server that died before it
-settled; it no longer counts. The tables live in ``store/schema.py``, the database (and its
-migrations) in ``store/database.py``.
+settled; it no longer counts. A request whose calls cost more than it reserved (an upstream
+that ignored ``max_tokens``) is charged its real cost; the excess is added to the key's
+``api_keys.overshoot_nano``, so the operator sees what went past the budget's reach. The
+tables live in ``store/schema.py``, the database (and its migrations) in ``store/database.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from openfusion.errors import OpenFusionError
 from openfusion.store.database import Database
-from openfusion.store.schema import budgets, reservations, spend
+from openfusion.store.schema import api_keys, budgets, reservations, spend
 
 __all__ = [
     "NANO",
@@ -88,19 +90,31 @@ class BudgetExhausted(OpenFusionError):
     """A reservation does not fit in what is left of the key's budget."""
 
     def __init__(
-        self, key_id: str, *, limit_nano: int, spent_nano: int, reserved_nano: int, wanted_nano: int
+        self,
+        key_id: str,
+        *,
+        limit_nano: int,
+        spent_nano: int,
+        reserved_nano: int,
+        wanted_nano: int,
+        overshoot_nano: int = 0,
     ) -> None:
         self.key_id = key_id
         self.limit_nano = limit_nano
         self.spent_nano = spent_nano
         self.reserved_nano = reserved_nano
         self.wanted_nano = wanted_nano
+        self.overshoot_nano = overshoot_nano
         held = f" and {format_usd(reserved_nano)} is held by requests in flight" * bool(
             reserved_nano
         )
+        over = (
+            f" ({format_usd(overshoot_nano)} of it beyond what its requests reserved: an "
+            "upstream billed more than the max_tokens it was sent)"
+        ) * bool(overshoot_nano)
         super().__init__(
             f"budget exhausted: API key {key_id} has spent {format_usd(spent_nano)} of its "
-            f"{format_usd(limit_nano)} budget{held}; this request needs "
+            f"{format_usd(limit_nano)} budget{over}{held}; this request needs "
             f"{format_usd(wanted_nano)}. The server's operator can raise the budget with "
             f"`openfusion keys budget {key_id} USD`"
         )
@@ -112,6 +126,10 @@ class BudgetExhausted(OpenFusionError):
     @property
     def spent(self) -> float:
         return self.spent_nano / NANO
+
+    @property
+    def overshoot(self) -> float:
+        return self.overshoot_nano / NANO
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +152,8 @@ class BudgetStatus:
     spent_nano: int
     reserved_nano: int
     """Held by live reservations (stale ones not counted)."""
+    overshoot_nano: int = 0
+    """Of ``spent_nano``, what requests cost beyond what they had reserved."""
 
     @property
     def remaining_nano(self) -> int | None:
@@ -221,7 +241,13 @@ class SpendLedger:
         async with self._read() as conn:
             limit = await self._limit(conn, key_id)
             spent, reserved = await self._totals(conn, key_id)
-        return BudgetStatus(key_id, limit, spent, reserved)
+            overshoot = await self._overshoot(conn, key_id)
+        return BudgetStatus(key_id, limit, spent, reserved, overshoot)
+
+    async def overshoot(self, key_id: str) -> int:
+        """What ``key_id``'s requests cost beyond what they reserved, in nano-USD."""
+        async with self._read() as conn:
+            return await self._overshoot(conn, key_id)
 
     async def spent(self, key_id: str | None) -> int:
         """What ``key_id`` has spent (``None``: requests without a key), in nano-USD."""
@@ -282,6 +308,7 @@ class SpendLedger:
                     spent_nano=spent,
                     reserved_nano=reserved,
                     wanted_nano=wanted,
+                    overshoot_nano=await self._overshoot(conn, key_id),
                 )
             reservation = Reservation(uuid.uuid4().hex, key_id, amount)
             await conn.execute(
@@ -338,7 +365,9 @@ class SpendLedger:
         conservatively: the part of the reservation not spent by the priced rows goes on an
         extra row of stage ``unpriced_reserve``, so calls of unknown cost can never take a key
         past its budget (they cost at most the reservation, which was the request's
-        ``max_cost``). Settle each reservation once: a second call records the rows again.
+        ``max_cost``). Priced rows that add up to more than the reservation (an upstream that
+        billed past ``max_tokens``) are recorded as they are, and the excess is added to the
+        key's overshoot. Settle each reservation once: a second call records the rows again.
         """
         async with self._write() as conn:
             await self.settle_in(conn, reservation_id, generation_id, rows, key_id=key_id)
@@ -371,8 +400,14 @@ class SpendLedger:
         for row in rows:
             cost = None if row.cost is None else to_nano(row.cost)
             values.append(_spend_values(key_id, generation_id, row.stage, row.model, cost, now))
+        priced = sum(v["cost_nano"] for v in values if v["cost_nano"] is not None)
+        if held is not None and priced > held:
+            await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id)
+                .values(overshoot_nano=api_keys.c.overshoot_nano + (priced - held))
+            )
         if held is not None and any(row.cost is None for row in rows):
-            priced = sum(v["cost_nano"] for v in values if v["cost_nano"] is not None)
             values.append(
                 _spend_values(
                     key_id, generation_id, UNPRICED_RESERVE, None, max(held - priced, 0), now
@@ -405,6 +440,11 @@ class SpendLedger:
             query = query.with_for_update()
         value = await conn.scalar(query)
         return None if value is None else int(value)
+
+    @staticmethod
+    async def _overshoot(conn: AsyncConnection, key_id: str) -> int:
+        value = await conn.scalar(select(api_keys.c.overshoot_nano).where(api_keys.c.id == key_id))
+        return int(value or 0)
 
     async def _totals(self, conn: AsyncConnection, key_id: str) -> tuple[int, int]:
         """Spent and live-reserved nano-USD of ``key_id``, read in one statement (one snapshot:

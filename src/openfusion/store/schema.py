@@ -7,7 +7,8 @@
     spend         id PK, key_id, generation_id, stage, model,  one row per inner call
                   cost_nano (NULL: unknown), unpriced, created_at
     api_keys      id PK, name, hash (sha256, unique), admin, revoked, created_at, revoked_at,
-                  rpm, tpm (requests / tokens per minute; NULL: no limit)
+                  rpm, tpm (requests / tokens per minute; NULL: no limit),
+                  overshoot_nano (spent beyond its requests' reservations)
     instances     id PK, host, pid, source, started_at, heartbeat_at    live processes
     runs          id PK (the generation id), kind, status, source, instance_id, key_id, ...
     run_spans     (run_id, seq) PK, kind, name, stage, member, status, start_ms, end_ms,
@@ -36,7 +37,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 metadata = MetaData()
 
@@ -81,6 +82,7 @@ api_keys = Table(
     Column("revoked_at", DateTime, nullable=True),
     Column("rpm", Integer, nullable=True),
     Column("tpm", Integer, nullable=True),
+    Column("overshoot_nano", BigInteger, nullable=False, server_default="0"),
 )
 
 instances = Table(
