@@ -217,3 +217,16 @@ async def test_the_gateways_429_carries_retry_after(
         status, text, headers = await post_raw(server, {"model": "up/busy", "messages": QUESTION})
     assert status == 429, text
     assert headers["retry-after"] == we_say
+
+
+async def test_models_lists_only_what_the_server_serves(serve: Serve) -> None:
+    demo = setup_demo(served=None)
+    server = serve(demo.settings, demo.registry)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.base_url + "/models") as resp,
+    ):
+        ids = {e["id"] for e in (await resp.json())["data"]}
+    assert {"openrouter/fusion", "openfusion/demo", "demo/a", "demo/judge"} <= ids
+    assert "openfusion/quality" not in ids and "openrouter/fusion-flash" not in ids
+    assert not any(i.startswith("local/") for i in ids)

@@ -328,8 +328,11 @@ class Server:
             presets = list_presets(self.settings)
         except ConfigError as exc:
             raise APIError(500, f"server configuration: {exc}") from exc
+        completions = self.completions  # only what this server serves is listed
+        presets = [p for p in presets if completions.serves_preset(p)]
         entries = [_fusion_entry(FUSION_ALIAS, "Fusion (default preset)")]
-        entries.append(_fusion_entry(FLASH_ALIAS, "Fusion, fast preset"))
+        if any(p.name == "fast" for p in presets):
+            entries.append(_fusion_entry(FLASH_ALIAS, "Fusion, fast preset"))
         entries += [_fusion_entry(f"{FUSION_PREFIX}{p.name}", p.description) for p in presets]
         seen = sorted({m for p in presets for m in (p.judge, *(s.model for s in p.panel))})
         prices = self.completions.caller.prices

@@ -267,11 +267,16 @@ class Completions:
             self._served = (*sorted(members), *(self.settings.server.models or ()))
         return self._served
 
+    def serves(self, model_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(model_id, pattern) for pattern in self.served())
+
+    def serves_preset(self, preset: Preset) -> bool:
+        return all(self.serves(m) for m in (*_panel_models(preset), *preset.judges))
+
     def _check_served(self, models: Iterable[str], field: str) -> None:
         """A 400 naming the first of ``models`` this server does not serve."""
-        served = self.served()
         for model_id in models:
-            if not any(fnmatch.fnmatchcase(model_id, pattern) for pattern in served):
+            if not self.serves(model_id):
                 try:  # a typo is better named as one
                     self.registry.check(model_id)
                 except ConfigError as exc:
