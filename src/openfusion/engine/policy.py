@@ -11,6 +11,10 @@ the price of what it cost.
   outcome closes or re-opens the circuit. A probe that ends without telling (cancelled, refused
   by the budget, or failed with an error that says nothing of the model's health) is released:
   the next call probes instead. One breaker is shared by every run of a process.
+- Redaction: an upstream's error text is where an echoed credential would enter (a proxy that
+  quotes the ``Authorization`` header, a provider that prints the key masked); every
+  ``ProviderError`` leaves here with the configured secrets scrubbed (``openfusion.redact``), so
+  failure values, error bodies, stream error events, logs and records never see them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from openfusion.engine.trace import CallObserver, CallRecord
 from openfusion.errors import ConfigError, ProviderError
 from openfusion.providers import Provider, ProviderRegistry
 from openfusion.providers.base import honoured_part
+from openfusion.redact import Redactor
 from openfusion.settings import Settings
 from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, Usage
 
@@ -146,6 +151,7 @@ class Caller:
             policy=RetryPolicy(r.attempts, r.base_delay, r.max_delay, r.max_retry_after),
             breaker=breaker or CircuitBreaker(r.breaker_threshold, r.breaker_cooldown),
             unpriced_call_usd=settings.budget.unpriced_call_usd,
+            redact=Redactor.from_settings(settings),
         )
 
     def __init__(
@@ -158,11 +164,13 @@ class Caller:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         unpriced_call_usd: float | None = None,
+        redact: Redactor | None = None,
     ) -> None:
         self.registry = registry
         self.unpriced_call_usd = unpriced_call_usd
         """What a call of a model without a price is charged under a budget (``None``: such
         calls are refused under a budget, their cost could not be bounded)."""
+        self.redact = redact or Redactor()
         self.prices = prices
         self.policy = policy or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
@@ -330,6 +338,8 @@ class Caller:
         try:
             yield provider, call, bill
         except ProviderError as exc:
+            exc.message = self.redact(exc.message)
+            exc.args = (exc.message,)
             if probe and not exc.retryable:  # a 4xx says nothing of the model's health
                 self.breaker.release(model_id)
             if budget is not None:  # upstreams bill failed calls only for text they sent

@@ -35,6 +35,7 @@ from openfusion.logs import generation_id as current_generation
 from openfusion.logs import log_config
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
+from openfusion.redact import Redactor
 from openfusion.server.auth import BearerAuth, KeyGate
 from openfusion.server.completions import (
     FLASH_ALIAS,
@@ -61,7 +62,7 @@ from openfusion.server.telemetry import Telemetry
 from openfusion.server.ui import TraceViewer
 from openfusion.settings import Settings
 from openfusion.store import KeyRecord, Store
-from openfusion.store.recorder import StoreRecorder, secret_values
+from openfusion.store.recorder import StoreRecorder
 from openfusion.tools import ToolRegistry
 from openfusion.types import Usage
 
@@ -558,7 +559,7 @@ def create_app(
     recorder = recorder or StoreRecorder(
         store,
         source="server",
-        secrets=secret_values(settings),
+        redact=Redactor.from_settings(settings),
         keep_days=settings.store.keep_days,
         max_mb=settings.store.max_mb,
     )

@@ -15,9 +15,10 @@ answer. ``settle`` is the one write a request waits for: the run's end and its s
 (and the release of its budget reservation), in one transaction, so the ledger always equals
 the calls the run recorded.
 
-No secret is written: request headers are never part of a run, and every configured secret
-value (provider and tool API keys from the environment) is replaced by ``[redacted]`` in
-whatever the upstreams relayed.
+No secret is written: request headers are never part of a run, and every string of a row goes
+through the deployment's ``Redactor`` (``openfusion.redact``): configured secrets (provider
+and tool API keys from the environment), their masked forms and bearer tokens become
+``[redacted]`` in whatever the upstreams relayed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +36,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from openfusion.engine.runlog import RunLog, Span, message_dict
 from openfusion.engine.trace import RunEnd, RunStart
+from openfusion.redact import Redactor
 from openfusion.settings import Settings
 from openfusion.store.ledger import SpendRow, to_nano
 from openfusion.store.runs import Instance, utcnow
 from openfusion.store.schema import run_spans, runs
 from openfusion.store.store import Store
 
-__all__ = ["LedgerEntry", "StoreRecorder", "secret_values"]
+__all__ = ["LedgerEntry", "StoreRecorder"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ MAX_PENDING = 10_000
 MAX_ATTEMPTS = 5
 RETRY_AFTER = 1.0
 CLOSE_TIMEOUT = 30.0
-REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,7 @@ class StoreRecorder:
         store: Store,
         *,
         source: str,
-        secrets: Sequence[str] = (),
+        redact: Redactor | None = None,
         owns_store: bool = False,
         keep_days: float = 0.0,
         max_mb: float = 0.0,
@@ -98,7 +99,7 @@ class StoreRecorder:
         self.store = store
         self.source = source
         self.instance = Instance.this_process(uuid.uuid4().hex, source)
-        self._scrub = _scrubber(secrets)
+        self._redact = redact or Redactor()
         self._owns_store = owns_store
         self._keep_days, self._max_mb = keep_days, max_mb
         self._flush_interval, self._heartbeat, self._lease = flush_interval, heartbeat, lease
@@ -119,7 +120,7 @@ class StoreRecorder:
         return cls(
             Store.for_settings(settings),
             source=source,
-            secrets=secret_values(settings),
+            redact=Redactor.from_settings(settings),
             owns_store=True,
             keep_days=settings.store.keep_days,
             max_mb=settings.store.max_mb,
@@ -342,6 +343,9 @@ class StoreRecorder:
 
     # -- rows ------------------------------------------------------------------------------
 
+    def _scrub(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {k: self._redact.value(v) for k, v in row.items()}
+
     def _snapshot(self, tracked: _Tracked) -> _Snapshot:
         """What to write of a run, taken now (the run may change while it is written)."""
         run = tracked.log
@@ -505,31 +509,3 @@ def _span_row(run_id: str, span: Span) -> dict[str, Any]:
         "cost_nano": None if span.cost is None else to_nano(span.cost),
         "data": dict(span.data),
     }
-
-
-def secret_values(settings: Settings) -> list[str]:
-    """The configured secrets a record must never hold: the values of the environment
-    variables that hold provider and tool API keys."""
-    names = {p.api_key_env for p in settings.providers.values() if p.api_key_env}
-    names |= {n for n in settings.env if n.endswith(("_API_KEY", "_TOKEN", "_SECRET"))}
-    values = {settings.env.get(name, "") for name in names}
-    return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)
-
-
-def _scrubber(secrets: Sequence[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, Mapping):
-            return {k: scrub(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [scrub(v) for v in value]
-        return value
-
-    def scrub_row(row: dict[str, Any]) -> dict[str, Any]:
-        return {k: scrub(v) for k, v in row.items()} if secrets else row
-
-    return scrub_row

@@ -1,0 +1,92 @@
+"""``Redactor``: keeps the configured secrets out of whatever an upstream says back.
+
+An upstream (or a proxy in front of it) may echo what it was sent: a body that quotes the
+``Authorization`` header, or the key in the masked form some providers print
+(``sk-or-ca**********5678``: the key's first characters, a run of ``*``, ``.``, ``x`` or
+``•``, its last characters). Its text then travels on — into error bodies, ``failed_models``,
+stream error events, logs and run records. The one ``Redactor`` built from the settings is
+applied where upstream text enters (``engine.policy.Caller``) and where runs are written
+(``store.recorder``), and replaces:
+
+- every configured secret value (the API keys in the environment) wherever it occurs;
+- a masked form of one: a token whose visible head is a prefix of a secret and whose visible
+  tail is a suffix of it, with a mask run between them and at least ``MIN_REVEALED``
+  characters shown (a masked form of some other key is not touched);
+- a ``Bearer <token>`` pair whose token looks like a credential (8 characters or more, a
+  digit or a mask among them), whatever the key: a credential echoed back is never data.
+
+Text without a secret, a mask run or the word ``Bearer`` passes through one substring test per
+secret and one regex scan, so the cost on the error path is negligible.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from openfusion.settings import Settings
+
+__all__ = ["REDACTED", "Redactor"]
+
+REDACTED = "[redacted]"
+MIN_SECRET_CHARS = 8
+"""Shorter values (``1``, ``true``) are not secrets worth scrubbing, and would wreck text."""
+MIN_REVEALED = 4
+"""A masked form showing fewer characters of the key than this says nothing about it."""
+SECRET_ENV_SUFFIXES = ("_API_KEY", "_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+
+_MASKED = re.compile(r"(?<![\w\-])([\w\-]*?)(\*{3,}|•{3,}|…+|\.{3,}|[xX]{3,})([\w\-]*)")
+_BEARER = re.compile(r"(?i)\b(bearer)\s+(?=[^\s\"',;]*[\d*•…])[^\s\"',;]{8,}")
+
+
+class Redactor:
+    """Replaces ``secrets`` (and their masked forms, and any bearer token) by ``[redacted]``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        unique = {s for s in secrets if len(s) >= MIN_SECRET_CHARS}
+        self.secrets: tuple[str, ...] = tuple(sorted(unique, key=len, reverse=True))
+        """Longest first, so a key that contains another is replaced whole."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Redactor:
+        """The secrets of a deployment: the values of the environment variables that hold
+        provider keys (``api_key_env``) or look like a credential (``*_API_KEY``, ``*_KEY``,
+        ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``), and the values of providers' extra headers
+        (an ``Authorization`` or ``X-Api-Key`` header configured by hand)."""
+        names = {p.api_key_env for p in settings.providers.values() if p.api_key_env}
+        names |= {n for n in settings.env if n.upper().endswith(SECRET_ENV_SUFFIXES)}
+        values = [settings.env.get(name, "") for name in names]
+        for provider in settings.providers.values():
+            for value in provider.headers.values():
+                values.append(value)
+                values.append(value.partition(" ")[2])  # "Bearer <key>": the key alone too
+        return cls(values)
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every secret, masked secret and bearer token replaced."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if self.secrets:
+            text = _MASKED.sub(self._masked, text)
+        return _BEARER.sub(rf"\1 {REDACTED}", text)
+
+    def value(self, value: Any) -> Any:
+        """``value`` with every string inside it (dicts, lists, tuples) redacted."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, Mapping):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+    def _masked(self, match: re.Match[str]) -> str:
+        head, tail = match.group(1), match.group(3)
+        shown = len(head) + len(tail)
+        if shown >= MIN_REVEALED:
+            for secret in self.secrets:
+                if shown < len(secret) and secret.startswith(head) and secret.endswith(tail):
+                    return REDACTED
+        return match.group(0)
