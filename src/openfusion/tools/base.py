@@ -66,7 +66,8 @@ class ToolResult:
     """The outcome of one call, ready to hand back to the model as a tool message."""
 
     content: str
-    """For a success, the output fenced as untrusted data; for a failure, the error message."""
+    """What the model reads: the output, or ``Tool error.`` and the error, fenced as untrusted
+    data."""
     sources: tuple[Source, ...] = ()
     cost: float | None = 0.0
     error: str | None = None
@@ -205,21 +206,25 @@ class ToolRegistry:
         found = self._tools.get(name)
         if found is None:
             available = ", ".join(self._tools) or "none"
-            return _failure(name, f"unknown tool {name!r}; the available tools are: {available}")
+            return self._failure(
+                name, f"unknown tool {name!r}; the available tools are: {available}"
+            )
         try:
             raw = json.loads(arguments_json) if arguments_json.strip() else {}
         except json.JSONDecodeError as exc:
-            return _failure(
+            return self._failure(
                 name,
                 f"the arguments are not valid JSON ({exc.msg} at position {exc.pos}); "
                 f"send one JSON object matching the {name} schema",
             )
         if not isinstance(raw, dict):
-            return _failure(name, f"the arguments must be a JSON object, not {type(raw).__name__}")
+            return self._failure(
+                name, f"the arguments must be a JSON object, not {type(raw).__name__}"
+            )
         try:
             parsed = found.arguments.model_validate(raw)
         except ValidationError as exc:
-            return _failure(
+            return self._failure(
                 name,
                 f"invalid arguments: {describe_validation_error(exc)}; fix them and call again",
             )
@@ -227,10 +232,10 @@ class ToolRegistry:
         try:
             output = await found.fn(**kwargs)
         except ToolError as exc:
-            return _failure(name, exc.message, cost=exc.cost)
+            return self._failure(name, exc.message, cost=exc.cost)
         except Exception as exc:  # a bug or an unexpected failure inside the tool
             logger.debug("tool %s raised", name, exc_info=True)
-            return _failure(name, f"failed: {type(exc).__name__}: {exc}", cost=None)
+            return self._failure(name, f"failed: {type(exc).__name__}: {exc}", cost=None)
         if isinstance(output, str):
             output = ToolOutput(text=output)
         return ToolResult(
@@ -239,8 +244,8 @@ class ToolRegistry:
             cost=output.cost,
         )
 
-
-def _failure(name: str, message: str, *, cost: float | None = 0.0) -> ToolResult:
-    logger.debug("tool %s: %s", name, message)
-    error = f"{name}: {message}"
-    return ToolResult(content=f"Tool error. {error}", cost=cost, error=error)
+    def _failure(self, name: str, message: str, *, cost: float | None = 0.0) -> ToolResult:
+        logger.debug("tool %s: %s", name, message)
+        error = f"{name}: {message}"
+        content = "Tool error. " + fence(name, error, self.output_max_chars)
+        return ToolResult(content=content, cost=cost, error=error)
