@@ -61,7 +61,9 @@ def test_secrets_come_from_the_settings(tmp_path: Any) -> None:
     providers = {
         "up": ProviderConfig(type="openai_compat", base_url="http://x", api_key_env="UP_KEY_VAR"),
         "hdr": ProviderConfig(
-            type="openai_compat", base_url="http://x", headers={"Authorization": "Token t0k3n-abc"}
+            type="openai_compat",
+            base_url="http://x",
+            headers={"Authorization": "Token t0k3n-abc", "X-Title": "openfusion-app"},
         ),
     }
     settings = Settings(

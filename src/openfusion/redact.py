@@ -34,6 +34,7 @@ MIN_SECRET_CHARS = 8
 """Shorter values (``1``, ``true``) are not secrets worth scrubbing, and would wreck text."""
 MIN_REVEALED = 4
 """A masked form showing fewer characters of the key than this says nothing about it."""
+SECRET_HEADER_WORDS = ("auth", "key", "token", "secret")
 SECRET_ENV_SUFFIXES = ("_API_KEY", "_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 
 _MASKED = re.compile(r"(?<![\w\-])([\w\-]*?)(\*{3,}|•{3,}|…+|\.{3,}|[xX]{3,})([\w\-]*)")
@@ -53,14 +54,15 @@ class Redactor:
         """The secrets of a deployment: the values of the environment variables that hold
         provider keys (``api_key_env``) or look like a credential (``*_API_KEY``, ``*_KEY``,
         ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``), and the values of providers' extra headers
-        (an ``Authorization`` or ``X-Api-Key`` header configured by hand)."""
+        that carry a credential (``Authorization``, ``X-Api-Key``: not ``X-Title``)."""
         names = {p.api_key_env for p in settings.providers.values() if p.api_key_env}
         names |= {n for n in settings.env if n.upper().endswith(SECRET_ENV_SUFFIXES)}
         values = [settings.env.get(name, "") for name in names]
         for provider in settings.providers.values():
-            for value in provider.headers.values():
-                values.append(value)
-                values.append(value.partition(" ")[2])  # "Bearer <key>": the key alone too
+            for name, value in provider.headers.items():
+                if any(word in name.lower() for word in SECRET_HEADER_WORDS):
+                    values.append(value)
+                    values.append(value.partition(" ")[2])  # "Bearer <key>": the key alone
         return cls(values)
 
     def __call__(self, text: str) -> str:
