@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step, StepSource
 from openfusion.server.app import create_app
+from openfusion.server.protocol import uvicorn_options
 from openfusion.settings import Settings
 from openfusion.tools import ToolRegistry
 from openfusion.types import CompletionRequest
@@ -231,6 +232,8 @@ def run_server(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=2,
+        # the protocol and head limits `openfusion serve` runs with
+        **uvicorn_options(settings.server.max_header_bytes, settings.server.header_timeout_seconds),
     )
     server = uvicorn.Server(config)
     running = RunningServer(f"http://127.0.0.1:{port}", recorder)

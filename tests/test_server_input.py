@@ -145,7 +145,9 @@ async def send(
     method: str = "POST",
     path: str = "/v1/chat/completions",
 ) -> tuple[int, str, Any]:
-    """(status, content type, decoded JSON body) of one request."""
+    """(status, content type, decoded JSON body) of one request (sent as JSON unless
+    ``headers`` say otherwise)."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
     async with (
         aiohttp.ClientSession() as session,
         session.request(method, server.url + path, data=data, headers=headers) as resp,

@@ -620,6 +620,7 @@ def serve(
     import uvicorn
 
     from openfusion.server.auth import check_bind, insecure_warning, is_loopback
+    from openfusion.server.protocol import uvicorn_options
 
     try:
         settings = Settings.load()
@@ -663,9 +664,9 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
         log_level="info",
         **options,
+        **uvicorn_options(settings.server.max_header_bytes, settings.server.header_timeout_seconds),
     )
 
 

@@ -40,6 +40,10 @@ presets in ``presets/*.toml`` and prompt overrides in ``prompts/*.j2``.
     reservation_ttl_seconds = 900.0    # older reservations (a crashed server's) stop counting
     models = ["openrouter/*"]          # model ids clients may use besides the members and
                                        # judges of the default preset and of user presets
+    allowed_hosts = []                 # keyless server: Host names answered besides loopback
+    cors_origins = []                  # browser origins allowed to call (CORS); none by default
+    max_header_bytes = 16384           # a request's header block; larger: 431/400, not read
+    header_timeout_seconds = 10.0      # to send a request's headers; also keep-alive idle time
 
     [budget]
     unpriced_call_usd = 0.01           # under a budget, a model without a price is refused,
@@ -131,6 +135,16 @@ class ServerSettings(BaseModel):
     """Model ids clients may use (``*`` wildcards: ``"openrouter/*"``) besides the members
     and judges of the default preset and of the user's presets. Nothing else is called — in
     particular the embedded model is not loaded unless configured."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Without API keys, the ``Host`` names (or ``name:port``) answered besides loopback ones;
+    ``"*"``: any (see ``server/guard.py``)."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins (``https://app.example``) allowed to call the API; CORS is off without."""
+    max_header_bytes: int = Field(16_384, ge=1024)
+    """Largest request header block read; a larger one is refused before the app sees it."""
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's headers (from its first byte, or from the
+    connection); an idle keep-alive connection is closed after as long."""
 
 
 class BudgetSettings(BaseModel):

@@ -7,6 +7,7 @@ per-chunk serialisation objects), served by uvicorn with uvloop and httptools.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import logging.config
@@ -20,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -54,6 +56,7 @@ from openfusion.server.metrics import (
     Metrics,
     MetricsMiddleware,
 )
+from openfusion.server.guard import BrowserGuard
 from openfusion.server.runs_api import RunsAPI, conditional_json
 from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering
@@ -83,6 +86,10 @@ SAMPLING_PARAMETERS = [
 ]
 SUPPORTED_PARAMETERS = [*SAMPLING_PARAMETERS, "tools", "tool_choice", "parallel_tool_calls"]
 FUSION_PARAMETERS = [*SAMPLING_PARAMETERS, "plugins"]
+MAX_DEPTH_DIGITS = 4
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a request body: real requests (tool schemas included) stay far below;
+past ~1000 levels ``json`` and pydantic run out of stack."""
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -362,6 +369,15 @@ class Server:
             )
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    async def openapi(self, request: Request) -> Response:
+        return Response(self._openapi, media_type="application/json")
+
+    @functools.cached_property
+    def _openapi(self) -> bytes:
+        from openfusion.server.openapi import openapi_document
+
+        return json.dumps(openapi_document()).encode()
+
 
 class ChatRenderer:
     """A run as chat completion chunks; progress as SSE comments."""
@@ -482,20 +498,47 @@ def _validated(model: type[M], raw: bytes) -> M:
         data = json.loads(raw)
     except ValueError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise APIError(400, _too_deep()) from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    if _nesting(data) > MAX_JSON_DEPTH:
+        raise APIError(400, _too_deep())
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation(exc) from exc
 
 
+def _too_deep() -> str:
+    return f"request body is nested deeper than {MAX_JSON_DEPTH} levels: flatten it"
+
+
+def _nesting(data: Any) -> int:
+    """How deep ``data`` nests (an object of strings: 1). Iterative: a deep body cannot
+    exhaust the stack here, and it stops early past the limit, so it costs a walk over the
+    request's few containers."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
 def _depth(request: Request) -> int:
+    """The fusion depth the request arrives at: ASCII digits only (``"²".isdigit()`` is true,
+    ``int("²")`` fails), and few of them (a depth of a million digits is no depth)."""
     for header in DEPTH_HEADERS:
         value = request.headers.get(header)
         if value is not None:
-            if not value.strip().isdigit():
-                raise APIError(400, f"header {header}: must be a non-negative integer")
+            value = value.strip()
+            if not (value.isascii() and value.isdigit() and len(value) <= MAX_DEPTH_DIGITS):
+                raise APIError(400, f"header {header}: must be a non-negative integer, e.g. 0 or 1")
             return int(value)
     return 0
 
@@ -614,11 +657,26 @@ def create_app(
         Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
         Route("/health", handle(server.health), methods=["GET"]),
         Route("/metrics", handle(server.prometheus), methods=["GET"]),
+        Route("/openapi.json", handle(server.openapi), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan
     )
-    return MetricsMiddleware(viewer.mount(BearerAuth(app, gate)), server.metrics, routes)
+    options = settings.server
+    guarded = BrowserGuard(
+        app, allowed_hosts=options.allowed_hosts, cors_origins=options.cors_origins
+    )
+    api: ASGIApp = BearerAuth(guarded, gate)
+    if options.cors_origins:
+        api = CORSMiddleware(
+            api,
+            allow_origins=list(options.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", *DEPTH_HEADERS],
+            expose_headers=["x-generation-id"],
+        )
+    # the viewer (/ui) checks keys and hosts itself
+    return MetricsMiddleware(viewer.mount(api), server.metrics, routes)
 
 
 def app_from_env() -> ASGIApp:
