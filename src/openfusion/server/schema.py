@@ -139,7 +139,7 @@ class FusionParams(BaseModel):
 
 
 class Plugin(FusionParams):
-    id: str
+    id: str = Field(json_schema_extra={"enum": ["fusion"]})  # the validator words the error
 
     @field_validator("id")
     @classmethod
@@ -156,7 +156,7 @@ class FunctionSpec(_Edge):
 
 
 class Tool(_Edge):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["function", "openrouter:fusion"]})
     function: FunctionSpec | None = None
     parameters: FusionParams | None = None
 
@@ -239,8 +239,14 @@ class ChatCompletionRequest(_Edge):
     def _known_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
         if isinstance(value, str) and value not in ("auto", "required", "none"):
             raise ValueError(f"must be 'auto', 'required', 'none' or a function, not {value!r}")
-        if isinstance(value, dict) and not isinstance(value.get("function"), dict):
-            raise ValueError('a function choice is {"type": "function", "function": {"name"}}')
+        if isinstance(value, dict):
+            function = value.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if value.get("type", "function") != "function" or not isinstance(name, str) or not name:
+                raise ValueError(
+                    'a function choice is {"type": "function", "function": {"name": "<name>"}} '
+                    "naming one of your functions"
+                )
         return value
 
     @field_validator("messages")
