@@ -50,13 +50,13 @@ from openfusion.server.completions import (
     Text,
 )
 from openfusion.server.errors import APIError, from_validation
+from openfusion.server.guard import BrowserGuard
 from openfusion.server.metrics import (
     CONTENT_TYPE_LATEST,
     MULTIPROC_ENV,
     Metrics,
     MetricsMiddleware,
 )
-from openfusion.server.guard import BrowserGuard
 from openfusion.server.runs_api import RunsAPI, conditional_json
 from openfusion.server.schema import ChatCompletionRequest
 from openfusion.server.spend import MeteredRun, Metering

@@ -90,6 +90,7 @@ def openapi_document() -> dict[str, Any]:
                 )
             },
             "/health": {"get": _get("health", [])},
+            "/metrics": {"get": _get("metrics", [])},
         },
         "components": {"schemas": schemas.get("$defs", {})},
     }
