@@ -1,7 +1,8 @@
 """The ASGI app: OpenAI/OpenRouter-compatible routes over the fusion engine.
 
-Starlette for routing only (no per-request pydantic beyond the one body validation, no
-per-chunk serialisation objects), served by uvicorn with uvloop and httptools.
+Plain ASGI routing (``server/asgi.py``; Starlette's ``Request`` and ``Response`` only), no
+per-request pydantic beyond the one body validation, no per-chunk serialisation objects;
+served by uvicorn with uvloop and httptools.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ import logging
 import logging.config
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from openfusion.cluster import Shared, retry_after
@@ -38,6 +36,7 @@ from openfusion.logs import log_config
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
 from openfusion.redact import Redactor
+from openfusion.server.asgi import EventStream, Route, Routes
 from openfusion.server.auth import BearerAuth, KeyGate
 from openfusion.server.completions import (
     FLASH_ALIAS,
@@ -95,10 +94,6 @@ M = TypeVar("M", bound=BaseModel)
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(data), status, headers, media_type="application/json")
-
-
-def error_response(error: APIError) -> Response:
-    return Response(error.encode(), error.status, error.headers, media_type="application/json")
 
 
 @dataclass
@@ -171,7 +166,7 @@ class Server:
         started = await self.start(request, body)
         if body.stream:
             stream = self.sse(started, ChatRenderer(started, body.model))
-            return event_stream(stream, started.headers)
+            return EventStream(stream, started.headers)
         whole = await self.collect(request, started)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(whole.texts)}
         final = whole.final
@@ -206,7 +201,7 @@ class Server:
         started = await self.start(request, chat)
         if body.stream:
             stream = self.sse(started, ResponseStream(started, body))
-            return event_stream(stream, started.headers)
+            return EventStream(stream, started.headers)
         whole = await self.collect(request, started)
         return json_response(response_body(started, body, whole), headers=started.headers)
 
@@ -484,12 +479,6 @@ def usage_dict(final: Final) -> dict[str, Any]:
     return usage
 
 
-def event_stream(stream: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
-    return StreamingResponse(
-        stream, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
-    )
-
-
 def _validated(model: type[M], raw: bytes) -> M:
     """The request body as ``model``, or a 400 that names what is wrong."""
     if not raw.strip():
@@ -614,7 +603,7 @@ def create_app(
     viewer = TraceViewer(gate, store.sessions, server.runs)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan() -> AsyncIterator[None]:
         await store.init()
         await recorder.start()  # also marks the runs of crashed processes unfinished
         await shared.start()
@@ -629,38 +618,19 @@ def create_app(
             if telemetry is not None:
                 telemetry.shutdown()
 
-    def handle(
-        endpoint: Callable[[Request], Awaitable[Response]],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def wrapped(request: Request) -> Response:
-            try:
-                return await endpoint(request)
-            except APIError as exc:
-                return error_response(exc)
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return error_response(APIError(500, "internal error; see the server log"))
-
-        return wrapped
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return error_response(APIError(exc.status_code, message))
-
-    routes = [
-        Route("/v1/chat/completions", handle(server.chat), methods=["POST"]),
-        Route("/v1/responses", handle(server.responses), methods=["POST"]),
-        Route("/v1/models", handle(server.models), methods=["GET"]),
-        Route("/v1/generation", handle(server.generation), methods=["GET"]),
-        Route("/v1/fusion/runs", handle(server.run_list), methods=["GET"]),
-        Route("/v1/fusion/runs/{run_id}", handle(server.run), methods=["GET"]),
-        Route("/health", handle(server.health), methods=["GET"]),
-        Route("/metrics", handle(server.prometheus), methods=["GET"]),
-        Route("/openapi.json", handle(server.openapi), methods=["GET"]),
-    ]
-    app = Starlette(
-        routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan
+    app = Routes(
+        [
+            Route("/v1/chat/completions", server.chat, ["POST"]),
+            Route("/v1/responses", server.responses, ["POST"]),
+            Route("/v1/models", server.models),
+            Route("/v1/generation", server.generation),
+            Route("/v1/fusion/runs", server.run_list),
+            Route("/v1/fusion/runs/{run_id}", server.run),
+            Route("/health", server.health),
+            Route("/metrics", server.prometheus),
+            Route("/openapi.json", server.openapi),
+        ],
+        lifespan=lifespan,
     )
     options = settings.server
     guarded = BrowserGuard(
@@ -676,7 +646,7 @@ def create_app(
             expose_headers=["x-generation-id"],
         )
     # the viewer (/ui) checks keys and hosts itself
-    return MetricsMiddleware(viewer.mount(api), server.metrics, routes)
+    return MetricsMiddleware(viewer.mount(api), server.metrics, app)
 
 
 def app_from_env() -> ASGIApp:

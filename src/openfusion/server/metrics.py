@@ -46,11 +46,11 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openfusion.engine.policy import CircuitBreaker
 from openfusion.engine.runlog import RunLog
+from openfusion.server.asgi import Routes
 
 __all__ = ["CONTENT_TYPE_LATEST", "MULTIPROC_ENV", "Metrics", "MetricsMiddleware"]
 
@@ -212,11 +212,10 @@ class MetricsMiddleware:
     """Counts every HTTP request by its route template and status, and times it to its last
     byte. Outermost, so the 401s of the key check count too."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Iterable[Route]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Routes) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = list(routes)
-        self._exact = {r.path for r in self.routes if "{" not in r.path}
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -241,10 +240,4 @@ class MetricsMiddleware:
             metrics.child(metrics.request_seconds, route).observe(time.perf_counter() - began)
 
     def _route(self, scope: Scope) -> str:
-        if scope["path"] in self._exact:
-            return str(scope["path"])
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                return route.path
-        return "other"
+        return self.routes.template(scope["path"]) or "other"
