@@ -613,8 +613,19 @@ async def _run_eval(runner: EvalRunner, total: int, err: Console) -> Outcome:
     show_default=True,
     help="json: one JSON object per line, with the request's generation_id.",
 )
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log a line per request (off: a busy gateway spends about 6% of its CPU on it).",
+)
 def serve(
-    host: str, port: int, workers: int, insecure_no_auth: bool, log_format: LogFormat
+    host: str,
+    port: int,
+    workers: int,
+    insecure_no_auth: bool,
+    log_format: LogFormat,
+    access_log: bool,
 ) -> None:
     """Serve the OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, ...)."""
     import uvicorn
@@ -665,6 +676,7 @@ def serve(
         workers=workers,
         loop="uvloop",
         log_level="info",
+        access_log=access_log,
         **options,
         **uvicorn_options(settings.server.max_header_bytes, settings.server.header_timeout_seconds),
     )
