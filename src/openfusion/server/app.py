@@ -15,7 +15,7 @@ import logging.config
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -291,14 +291,16 @@ class Server:
         try:
             yield renderer.head()
             keepalive = self.settings.server.keepalive_seconds
-            async for item in with_keepalive(started.outputs, keepalive):
-                started.metered.see(item)
-                if item is None:
-                    yield KEEPALIVE
-                    continue
-                data = renderer.render(item)
-                if data:
-                    yield data
+            # closed here, not when collected: closing it cancels the run's work
+            async with aclosing(with_keepalive(started.outputs, keepalive)) as items:
+                async for item in items:
+                    started.metered.see(item)
+                    if item is None:
+                        yield KEEPALIVE
+                        continue
+                    data = renderer.render(item)
+                    if data:
+                        yield data
         except APIError as exc:
             started.metered.fail(exc)
             yield renderer.error(exc)

@@ -13,7 +13,8 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from openfusion.engine import MemberEvent, StageEvent, ToolEvent
 from openfusion.server.errors import APIError
@@ -102,29 +103,62 @@ def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
 async def with_keepalive(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
     """Yield the items, and ``None`` whenever ``interval`` seconds pass without one.
 
-    The pending ``anext`` is never cancelled by a tick, so the source iterator is not disturbed;
-    closing this iterator closes the source (which cancels its work).
+    One task reads the source into a queue of one (a tick must not cancel a pending ``anext``:
+    that would disturb the source); the consumer waits on the queue under a timeout. One task
+    per stream, not one per item. Closing this iterator cancels the reader and closes the
+    source (which cancels its work).
     """
-    pending: asyncio.Future[T] | None = None
+    queue: asyncio.Queue[_Entry[T]] = asyncio.Queue(1)
+
+    async def read() -> None:
+        try:
+            async for item in items:
+                await queue.put(_Item(item))
+        except Exception as exc:
+            await queue.put(_Failed(exc))
+        else:
+            await queue.put(_END)
+
+    reader = asyncio.ensure_future(read())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(items))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
+            try:
+                async with asyncio.timeout(interval):
+                    entry = await queue.get()
+            except TimeoutError:
+                if reader.done() and queue.empty():  # it ended without a word (cancelled)
+                    reader.result()
+                    return
                 yield None
                 continue
-            finished, pending = pending, None
-            try:
-                item = finished.result()
-            except StopAsyncIteration:
+            if isinstance(entry, _Item):
+                yield entry.item
+            elif isinstance(entry, _Failed):
+                raise entry.error
+            else:
                 return
-            yield item
     finally:
-        if pending is not None:
-            pending.cancel()
-            with suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
+        reader.cancel()
+        with suppress(asyncio.CancelledError):
+            await reader
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Item(Generic[T]):
+    item: T
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: Exception
+
+
+class _End:
+    pass
+
+
+_END = _End()
+_Entry = _Item[T] | _Failed | _End
