@@ -18,6 +18,7 @@ from openfusion import (
     load_preset,
 )
 from openfusion.cost import PriceCatalog
+from openfusion.presets import PresetCache
 from openfusion.providers.scripted import ScriptedProvider, Step
 
 ANALYSIS = json.dumps(
@@ -72,6 +73,26 @@ def test_user_preset_adds_and_shadows(settings: Settings) -> None:
     assert [s.model for s in load_preset("mine", settings).panel] == ["scripted/a", "scripted/b"]
     assert load_preset("budget", settings).judge == "scripted/j"
     assert "mine" in {p.name for p in list_presets(settings)}
+
+
+def test_the_preset_cache_reads_a_file_again_only_when_it_changes(settings: Settings) -> None:
+    cache = PresetCache(settings)
+    shipped = cache.load("budget")
+    assert cache.load("budget") is shipped  # read once
+    path = write(
+        settings.config_dir / "presets" / "budget.toml",
+        'judge = "scripted/j"\npanel = [{ model = "scripted/x" }]\n',
+    )
+    assert cache.load("budget").judge == "scripted/j"  # a user file appeared: it shadows
+    kept = cache.load("budget")
+    assert cache.load("budget") is kept
+    path.write_text('judge = "scripted/k"\npanel = [{ model = "scripted/xy" }]\n', encoding="utf-8")
+    assert cache.load("budget").judge == "scripted/k"  # edited (its size changed)
+    path.unlink()
+    assert cache.load("budget") == shipped  # gone: the shipped one again
+    with pytest.raises(ConfigError, match="unknown preset"):
+        cache.load("nope")
+    assert cache.load("self:scripted/a").panel[0].model == "scripted/a"
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,41 @@ def load_preset(name: str, settings: Settings) -> Preset:
     raise ConfigError(f"unknown preset {name!r}; known presets: {known}, or self:<model>")
 
 
+class PresetCache:
+    """``load_preset`` for a long-lived process (the server): a preset is read and validated
+    once, and again only when its file in the config dir changes (appears, is edited, or goes
+    away), so a request costs one ``stat`` instead of reading and validating TOML. Only
+    named presets are kept (``self:<model>`` is built from its name, at no cost), at most
+    ``size`` of them."""
+
+    def __init__(self, settings: Settings, size: int = 64) -> None:
+        self.settings = settings
+        self.size = size
+        self._kept: dict[str, tuple[tuple[int, int] | None, Preset]] = {}
+
+    def load(self, name: str) -> Preset:
+        if not _NAME.match(name):
+            return load_preset(name, self.settings)
+        version = _file_version(self.settings.config_dir / "presets" / f"{name}.toml")
+        kept = self._kept.get(name)
+        if kept is not None and kept[0] == version:
+            return kept[1]
+        preset = load_preset(name, self.settings)
+        if len(self._kept) >= self.size:
+            self._kept.clear()
+        self._kept[name] = (version, preset)
+        return preset
+
+
+def _file_version(path: Path) -> tuple[int, int] | None:
+    """When and how big ``path`` is (``None``: not there): what tells a changed file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def load_preset_file(path: Path) -> Preset:
     """A preset from a file anywhere (named after the file); template paths are relative to it."""
     try:

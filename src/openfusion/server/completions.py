@@ -50,7 +50,7 @@ from openfusion.engine.policy import Caller, CircuitBreaker
 from openfusion.engine.runlog import RunLog
 from openfusion.engine.trace import CallObserver, ModelCallEvent, RunKind, Stage
 from openfusion.errors import ConfigError, MissingAPIKeyError, ProviderError
-from openfusion.presets import Preset, load_preset, user_preset_names
+from openfusion.presets import Preset, PresetCache, load_preset, user_preset_names
 from openfusion.prompts import PromptSet
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.base import refused_fields
@@ -121,6 +121,10 @@ class Completions:
         self._tools = tools
         self._prompts: dict[tuple[tuple[str, Path], ...], PromptSet] = {}
         self._served: tuple[str, ...] | None = None
+        self._presets = PresetCache(settings)
+        self._fusions: dict[tuple[str, int], tuple[Preset, Fusion]] = {}
+        """The last ``Fusion`` built per (preset name, depth), reused while its preset is the
+        very one the cache gives (a request that changes the preset gets a fusion of its own)."""
 
     def _prompts_for(self, preset: Preset) -> PromptSet:
         """One prompt set per distinct override set, so Jinja compiles each template once
@@ -131,6 +135,10 @@ class Completions:
         return self._prompts[key]
 
     def _fusion_for(self, preset: Preset, depth: int) -> Fusion:
+        kept = self._fusions.get((preset.name, depth))
+        if kept is not None and kept[0] is preset:
+            _check(kept[1])  # cheap, and a setting gone wrong is still a 4xx/503 up front
+            return kept[1]
         if self._tools is None and preset.tools.enabled:
             try:
                 self._tools = configured_tools(self.settings)  # once, for every request
@@ -146,6 +154,7 @@ class Completions:
             recorder=None,  # the server records each request's run itself
         )
         _check(fusion)
+        self._fusions[(preset.name, depth)] = (preset, fusion)
         return fusion
 
     def plan(
@@ -214,7 +223,7 @@ class Completions:
         name = ALIASES[model] if model in ALIASES else model.removeprefix(FUSION_PREFIX)
         name = name or (params.preset if params else None) or self.settings.preset_name
         try:
-            preset = load_preset(name, self.settings)
+            preset = self._presets.load(name)
             if params and params.analysis_models:
                 preset = dataclasses.replace(
                     Preset.from_models(params.analysis_models, params.model or preset.judge),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -100,7 +100,9 @@ def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "finish_reason": finish_reason}
 
 
-async def with_keepalive(items: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+async def with_keepalive(
+    items: AsyncIterator[T], interval: float
+) -> AsyncGenerator[T | None, None]:
     """Yield the items, and ``None`` whenever ``interval`` seconds pass without one.
 
     One task reads the source into a queue of one (a tick must not cancel a pending ``anext``:
