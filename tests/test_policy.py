@@ -21,6 +21,7 @@ from openfusion import (
     ProviderRegistry,
     Settings,
     UpstreamError,
+    UpstreamTimeout,
 )
 from openfusion.cost import Price, PriceCatalog
 from openfusion.engine.budget import Budget, BudgetExceeded
@@ -184,6 +185,42 @@ async def test_open_circuit_skips_to_the_fallback_without_calling(settings: Sett
     call = await caller.complete(["s/dead", "s/alive"], REQUEST)
     assert call.model == "s/alive"
     assert [c.model for c in provider.calls] == ["alive"]
+
+
+class TimesOut:
+    """Our clock fires on every call, after blocking the event loop for ``block`` seconds
+    (as thousands of calls in flight do)."""
+
+    supports_json_schema = True
+    honours = HONOURS_ALL
+
+    def __init__(self, block: float) -> None:
+        self.block = block
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        await asyncio.sleep(0.12)  # the loop's lag sampler ticks meanwhile
+        time.sleep(self.block)  # noqa: ASYNC251 - the point: a loop too busy to run its timers
+        await asyncio.sleep(0.06)  # the tick that measures the lag runs before the timeout lands
+        raise UpstreamTimeout("no complete answer in time")
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        raise NotImplementedError
+        yield Chunk()
+
+
+@pytest.mark.parametrize(("block", "opens"), [(0.0, True), (0.75, False)])
+async def test_timeouts_while_our_loop_lagged_do_not_open_the_circuit(
+    settings: Settings, block: float, opens: bool
+) -> None:
+    registry = ProviderRegistry(settings)
+    registry.register("s", TimesOut(block))  # type: ignore[arg-type]
+    breaker = CircuitBreaker(threshold=2, cooldown=60)
+    caller = Caller(registry, PriceCatalog({}), policy=RetryPolicy(attempts=1), breaker=breaker)
+    for _ in range(2):
+        with pytest.raises(UpstreamTimeout) as failed:
+            await caller.complete(["s/m"], REQUEST)
+        assert failed.value.ours is not opens
+    assert breaker.state("s/m") == ("open" if opens else "closed")
 
 
 def opened(now: list[float]) -> CircuitBreaker:

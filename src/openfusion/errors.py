@@ -78,6 +78,9 @@ class ProviderError(OpenFusionError):
         text was sent: estimated from that text)."""
         if reason is not None:
             self.reason = reason
+        self.ours = False
+        """The failure is this process's, not the upstream's (our clock fired while our event
+        loop lagged): it says nothing of the model's health, so it does not feed the breaker."""
 
     @property
     def retryable(self) -> bool:

@@ -145,6 +145,10 @@ class ServerSettings(BaseModel):
     header_timeout_seconds: float = Field(10.0, gt=0)
     """Seconds a client has to send a request's headers (from its first byte, or from the
     connection); an idle keep-alive connection is closed after as long."""
+    max_in_flight: int = Field(4096, ge=0)
+    """Requests one worker serves at once; past it a request gets 503 with ``Retry-After``
+    (an overloaded event loop would otherwise slow every request, and fire timeouts). 0: no
+    cap."""
 
 
 class BudgetSettings(BaseModel):

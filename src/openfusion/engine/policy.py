@@ -15,6 +15,11 @@ the price of what it cost.
   quotes the ``Authorization`` header, a provider that prints the key masked); every
   ``ProviderError`` leaves here with the configured secrets scrubbed (``openfusion.redact``), so
   failure values, error bodies, stream error events, logs and records never see them.
+- A timeout of our own clock while this process's event loop lagged (``LoopLag``: by
+  ``OVERLOADED_LAG`` seconds or more during the call) is ours, not the upstream's: it is retried
+  as any timeout but does not feed the breaker. Under thousands of calls in flight a lagging
+  loop fires connect timeouts of calls that were answered; counted against the model, they
+  opened its circuit and failed every request after them.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from openfusion.cost import PriceCatalog
@@ -36,7 +42,7 @@ from openfusion.engine.budget import (
     prompt_token_bound,
 )
 from openfusion.engine.trace import CallObserver, CallRecord
-from openfusion.errors import ConfigError, ProviderError
+from openfusion.errors import ConfigError, ProviderError, UpstreamTimeout
 from openfusion.providers import Provider, ProviderRegistry
 from openfusion.providers.base import honoured_part
 from openfusion.redact import Redactor
@@ -123,6 +129,52 @@ class CircuitBreaker:
         self._probing.discard(key)
 
 
+OVERLOADED_LAG = 0.5
+"""Seconds late the event loop ran a timer, past which our own timeouts are not the upstream's."""
+
+
+class LoopLag:
+    """How late the running event loop runs its timers, sampled every ``interval`` seconds
+    while a call is watched (no timer runs otherwise). A loop busy for a second fires the
+    connect timeout of a call whose answer sat unread in its socket."""
+
+    def __init__(self, interval: float = 0.05, keep: float = 900.0) -> None:
+        self.interval = interval
+        self._samples: deque[tuple[float, float]] = deque(maxlen=int(keep / interval))
+        self._watching = 0
+        self._ticking: asyncio.AbstractEventLoop | None = None
+
+    @contextmanager
+    def watching(self) -> Iterator[float]:
+        """Sample while the block runs; yields the loop's time at its start."""
+        loop = asyncio.get_running_loop()
+        self._watching += 1
+        if self._ticking is not loop:  # not yet, or a loop that has gone (tests run several)
+            self._ticking = loop
+            loop.call_later(self.interval, self._tick, loop, loop.time() + self.interval)
+        try:
+            yield loop.time()
+        finally:
+            self._watching -= 1
+
+    def worst_since(self, since: float) -> float:
+        """The most a timer ran late since ``since`` (the loop's time), 0 if never."""
+        worst = 0.0
+        for when, late in reversed(self._samples):
+            if when < since:
+                break
+            worst = max(worst, late)
+        return worst
+
+    def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        now = loop.time()
+        self._samples.append((now, now - due))
+        if self._watching > 0 and self._ticking is loop:
+            loop.call_later(self.interval, self._tick, loop, now + self.interval)
+        elif self._ticking is loop:
+            self._ticking = None
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     model: str
@@ -165,6 +217,7 @@ class Caller:
         rng: random.Random | None = None,
         unpriced_call_usd: float | None = None,
         redact: Redactor | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         self.registry = registry
         self.unpriced_call_usd = unpriced_call_usd
@@ -174,6 +227,7 @@ class Caller:
         self.prices = prices
         self.policy = policy or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
+        self.lag = lag or LoopLag()
         self._sleep = sleep
         self._rng = rng or random.Random()
 
@@ -292,7 +346,7 @@ class Caller:
                 except ProviderError as exc:
                     errors.append(exc)
                     if sent:
-                        if exc.retryable:
+                        if exc.retryable and not exc.ours:
                             self.breaker.failure(model_id)
                         raise
                     if await self._retry(model_id, attempt, exc):
@@ -336,11 +390,16 @@ class Caller:
             return priced
 
         try:
-            yield provider, call, bill
+            with self.lag.watching() as started:
+                try:
+                    yield provider, call, bill
+                except UpstreamTimeout as exc:
+                    exc.ours = self.lag.worst_since(started) >= OVERLOADED_LAG
+                    raise
         except ProviderError as exc:
             exc.message = self.redact(exc.message)
             exc.args = (exc.message,)
-            if probe and not exc.retryable:  # a 4xx says nothing of the model's health
+            if probe and (not exc.retryable or exc.ours):  # says nothing of the model's health
                 self.breaker.release(model_id)
             if budget is not None:  # upstreams bill failed calls only for text they sent
                 budget.settle(reservation, exc.usage.cost if exc.usage else 0.0)
@@ -392,7 +451,7 @@ class Caller:
         """Record the failure; wait and return True if this model gets another try."""
         if isinstance(error, CircuitOpenError | BudgetExceeded):
             return False
-        if error.retryable:
+        if error.retryable and not error.ours:
             self.breaker.failure(model_id)
         delay = self.policy.delay(attempt, error, self._rng)
         if delay is None:

@@ -36,7 +36,7 @@ from openfusion.logs import log_config
 from openfusion.presets import list_presets
 from openfusion.providers import ProviderRegistry
 from openfusion.redact import Redactor
-from openfusion.server.asgi import EventStream, Route, Routes
+from openfusion.server.asgi import EventStream, InFlightCap, Route, Routes
 from openfusion.server.auth import BearerAuth, KeyGate
 from openfusion.server.completions import (
     FLASH_ALIAS,
@@ -648,7 +648,8 @@ def create_app(
             expose_headers=["x-generation-id"],
         )
     # the viewer (/ui) checks keys and hosts itself
-    return MetricsMiddleware(viewer.mount(api), server.metrics, app)
+    capped = InFlightCap(viewer.mount(api), options.max_in_flight)
+    return MetricsMiddleware(capped, server.metrics, app)
 
 
 def app_from_env() -> ASGIApp:

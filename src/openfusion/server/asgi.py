@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openfusion.server.errors import APIError
 
@@ -129,6 +129,36 @@ class Routes:
             await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+class InFlightCap:
+    """ASGI middleware: at most ``limit`` HTTP requests at once (``/health`` not counted);
+    past it, 503 with ``Retry-After``, before the request costs anything else. 0: no cap."""
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after: int = 1) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_after = retry_after
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.limit or scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            error = APIError(
+                503,
+                f"this server is at its limit of {self.limit} requests at once; "
+                f"retry in {self.retry_after}s",
+            )
+            error.headers["Retry-After"] = str(self.retry_after)
+            await error_response(error)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 def error_response(error: APIError) -> Response:
