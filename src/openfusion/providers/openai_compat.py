@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
+import orjson
 
 from openfusion.errors import (
     ConfigError,
@@ -82,6 +82,12 @@ class OpenAICompatProvider:
         self._url = self._base_url + "/chat/completions"
         self._api_key = api_key
         self._headers = dict(headers)
+        self._base_headers = {"content-type": "application/json"}
+        """Every call's headers but the request's own, built once; names in lower case, so
+        a later one replaces an earlier one whatever its case."""
+        if api_key:
+            self._base_headers["authorization"] = f"Bearer {api_key}"
+        self._base_headers.update({k.lower(): v for k, v in headers.items()})
         self._timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
 
@@ -171,14 +177,11 @@ class OpenAICompatProvider:
     def _post(
         self, request: CompletionRequest, *, stream: bool
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        headers.update(self._headers)
-        headers.update(request.headers)
-        return self._get_session().post(
-            self._url, json=self._body(request, stream), headers=headers
-        )
+        headers = self._base_headers
+        if request.headers:
+            headers = {**headers, **{k.lower(): v for k, v in request.headers.items()}}
+        body = orjson.dumps(self._body(request, stream))
+        return self._get_session().post(self._url, data=body, headers=headers)
 
     def _body(self, request: CompletionRequest, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -254,7 +257,7 @@ class OpenAICompatProvider:
 
     def _decode(self, body: bytes | str, model: str) -> dict[str, Any]:
         try:
-            data = json.loads(body)
+            data = orjson.loads(body)
         except ValueError:
             data = None
         if not isinstance(data, dict):

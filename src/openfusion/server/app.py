@@ -19,6 +19,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -93,7 +94,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(data), status, headers, media_type="application/json")
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
 @dataclass
@@ -486,11 +487,14 @@ def _validated(model: type[M], raw: bytes) -> M:
     if not raw.strip():
         raise APIError(400, "empty request body: send a JSON object")
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise APIError(400, _too_deep()) from exc
+        data = orjson.loads(raw)
+    except ValueError:
+        try:  # NaN, Infinity, 1e400: not JSON, but read as numbers the field's check names them
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise APIError(400, _too_deep()) from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     if _nesting(data) > MAX_JSON_DEPTH:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from openfusion.errors import ProviderError
@@ -37,7 +37,7 @@ class APIError(Exception):
         return {"error": {"code": self.status, "message": self.message, "metadata": self.metadata}}
 
     def encode(self) -> bytes:
-        return json.dumps(self.body()).encode()
+        return orjson.dumps(self.body())
 
 
 def from_validation(exc: ValidationError) -> APIError:

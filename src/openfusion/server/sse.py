@@ -1,7 +1,7 @@
 """Server-sent events for streamed completions.
 
 Text chunks are the hot path: their JSON is a fixed prefix and suffix around the escaped text,
-built once per response, so a chunk costs one ``json.dumps`` of a string. Panel progress goes
+built once per response, so a chunk costs one ``orjson.dumps`` of a string. Panel progress goes
 out as SSE comment lines (``: openfusion-progress {...}``): every SSE client, the ``openai`` SDK
 included, skips comments, and clients that want progress can read them. While nothing else is
 said, ``: OPENFUSION PROCESSING`` keeps proxies from closing the connection.
@@ -10,11 +10,12 @@ said, ``: OPENFUSION PROCESSING`` keeps proxies from closing the connection.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+import orjson
 
 from openfusion.engine import MemberEvent, StageEvent, ToolEvent
 from openfusion.server.errors import APIError
@@ -34,17 +35,15 @@ class ChunkEncoder:
             "created": created,
             "model": model,
         }
-        head = json.dumps(self._head)[:-1]
-        self._text_prefix = (
-            f'data: {head}, "choices": [{{"index": 0, "delta": {{"content": '
-        ).encode()
-        self._text_suffix = b'}, "finish_reason": null}]}\n\n'
+        head = orjson.dumps(self._head)[:-1]
+        self._text_prefix = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
+        self._text_suffix = b'},"finish_reason":null}]}\n\n'
 
     def role(self) -> bytes:
         return self._event({"choices": [_choice({"role": "assistant", "content": ""}, None)]})
 
     def text(self, delta: str) -> bytes:
-        return self._text_prefix + json.dumps(delta).encode() + self._text_suffix
+        return self._text_prefix + orjson.dumps(delta) + self._text_suffix
 
     def final(
         self,
@@ -74,7 +73,7 @@ class ChunkEncoder:
         return self._event({**error.body(), "choices": [_choice({}, "error")]})
 
     def _event(self, fields: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps({**self._head, **fields}).encode() + b"\n\n"
+        return b"data: " + orjson.dumps({**self._head, **fields}) + b"\n\n"
 
 
 def progress(event: MemberEvent | StageEvent | ToolEvent, cost_so_far: float | None) -> bytes:
@@ -82,7 +81,7 @@ def progress(event: MemberEvent | StageEvent | ToolEvent, cost_so_far: float | N
     if isinstance(event, ToolEvent):
         tool = {"type": "tool", "index": event.index, "model": event.name, "tool": event.tool}
         tool.update(arguments=event.arguments, ok=event.ok, cost_so_far=cost_so_far)
-        return b": openfusion-progress " + json.dumps(tool).encode() + b"\n\n"
+        return b": openfusion-progress " + orjson.dumps(tool) + b"\n\n"
     if isinstance(event, MemberEvent):
         data: dict[str, Any] = {"type": "panel", "index": event.index, "model": event.name}
     elif event.stage == "caller":
@@ -93,7 +92,7 @@ def progress(event: MemberEvent | StageEvent | ToolEvent, cost_so_far: float | N
     if event.usage is not None:
         data.update(tokens=event.usage.completion_tokens, cost=event.usage.cost)
     data["cost_so_far"] = cost_so_far
-    return b": openfusion-progress " + json.dumps(data).encode() + b"\n\n"
+    return b": openfusion-progress " + orjson.dumps(data) + b"\n\n"
 
 
 def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
