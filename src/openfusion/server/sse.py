@@ -124,8 +124,11 @@ async def with_keepalive(
     try:
         while True:
             try:
-                async with asyncio.timeout(interval):
-                    entry = await queue.get()
+                if queue.empty():  # a timer only when there is a wait
+                    async with asyncio.timeout(interval):
+                        entry = await queue.get()
+                else:
+                    entry = queue.get_nowait()
             except TimeoutError:
                 if reader.done() and queue.empty():  # it ended without a word (cancelled)
                     reader.result()
