@@ -46,6 +46,7 @@ SCRIPT = {
     "a": {"content": "Jane Austen.", "cost": 0.001},
     "b": {"content": "Austen, in 1813.", "cost": 0.002},
     "slow": {"content": "Too late.", "delay": 120, "cost": 0.004},
+    "steady": {"content": "In a moment: Austen.", "delay": 2, "cost": 0.003},
     "judge": {
         "json": {"content": json.dumps(ANALYSIS), "cost": 0.0004},
         "text": {"content": "Jane Austen wrote it.", "cost": 0.0005},
@@ -102,7 +103,14 @@ def setup(shared: Shared) -> dict[str, str]:
     write_config(f'[providers.demo]\ntype = "scripted"\noptions.script = "{script}"\n')
     write_preset("fast", "demo/judge", ["demo/a", "demo/b"])
     write_preset("hang", "demo/judge", ["demo/a", "demo/slow"])
-    prices = {"a": 0.001, "b": 0.002, "slow": 0.004, "judge": 0.0005}  # a key's budget needs them
+    write_preset("steady", "demo/judge", ["demo/a", "demo/steady"])
+    prices = {
+        "a": 0.001,
+        "b": 0.002,
+        "slow": 0.004,
+        "steady": 0.003,
+        "judge": 0.0005,
+    }  # a key's budget needs them
     (config_dir() / "prices.toml").write_text(
         "".join(
             f'["demo/{m}"]\nprompt = 0\ncompletion = 0\nrequest = {p}\n' for m, p in prices.items()
@@ -219,6 +227,38 @@ async def test_replicas_share_runs_and_a_killed_one_leaves_unfinished_runs(
     # The finished run, and member a of each run in flight (B's was cancelled at the end).
     calls, charged = await recorded_and_charged(settings)
     assert calls == charged == 3_900_000 + 3 * 1_000_000
+    budget = await asyncio.to_thread(in_store, settings, lambda s: s.ledger.budget(key_id))
+    assert (budget.spent_nano, budget.reserved_nano) == (charged, 0)
+
+
+async def test_sigterm_answers_the_runs_in_flight_and_records_them(shared: Shared) -> None:
+    """A server told to stop (SIGTERM) finishes the requests it holds, then writes what its
+    batched recorder still has: each run ``ok``, its spend charged, no reservation left."""
+    env = setup(shared)
+    settings = Settings.load({**env})
+    key_id, key = create_key(settings, "team")
+    await asyncio.to_thread(in_store, settings, lambda store: store.ledger.set_budget(key_id, 10))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        with server(env) as (process, url):
+            await asyncio.to_thread(wait_up, url, process)
+            asks = [asyncio.create_task(ask(session, url, "steady")) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while len((await get(session, url + "/v1/fusion/runs", status="running"))["data"]) < 3:
+                assert time.monotonic() < deadline, "the runs did not start"
+                await asyncio.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            ids = await asyncio.gather(*asks)  # answered, not cut
+            # uvicorn re-raises the signal once it has shut down gracefully
+            assert await asyncio.to_thread(process.wait, 30) in (0, -signal.SIGTERM)
+
+    async def statuses(store: Store) -> list[str]:
+        async with store.db.read() as conn:
+            rows = await conn.execute(select(runs.c.status).where(runs.c.id.in_(ids)))
+            return sorted(r[0] for r in rows)
+
+    assert await asyncio.to_thread(in_store, settings, statuses) == ["ok", "ok", "ok"]
+    calls, charged = await recorded_and_charged(settings)
+    assert calls == charged == 3 * (1_000_000 + 3_000_000 + 900_000)
     budget = await asyncio.to_thread(in_store, settings, lambda s: s.ledger.budget(key_id))
     assert (budget.spent_nano, budget.reserved_nano) == (charged, 0)
 
