@@ -125,7 +125,9 @@ def serve_without_ledger(port: int) -> None:
     from openfusion.settings import Settings
 
     app = create_app(Settings.load(), store=NullStore(), recorder=NullRecorder())  # type: ignore[arg-type]
-    uvicorn.run(app, port=port, loop="uvloop", http="httptools", log_level="info")
+    uvicorn.run(
+        app, port=port, loop="uvloop", http="httptools", log_level="info", access_log=False
+    )  # as `openfusion serve` runs it
 
 
 def clean_env(**extra: str) -> dict[str, str]:

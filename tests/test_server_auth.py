@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import in_store
+from helpers import eventually, in_store
 from server_fixtures import RunningServer
 
 from openfusion.cli import main
@@ -304,6 +305,42 @@ async def test_key_created_while_running_turns_auth_on(store: KeyStore) -> None:
     _, key = await KeyStore(store.db).create("laptop")  # `openfusion keys create` meanwhile
     assert (await call(app))[0] == 401
     assert (await call(app, auth=f"Bearer {key}"))[0] == 200
+
+
+class Gated:
+    """A key store whose reads wait at a gate, counting them."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self.gate = asyncio.Event()
+        self.reads = 0
+
+    async def has_active_keys(self) -> bool:
+        self.reads += 1
+        await self.gate.wait()
+        return await self.store.has_active_keys()
+
+    async def verify(self, token: str) -> Any:
+        self.reads += 1
+        await self.gate.wait()
+        return await self.store.verify(token)
+
+
+async def test_requests_that_arrive_together_share_one_key_read(store: KeyStore) -> None:
+    gated = Gated(store)
+    app = BearerAuth(Inner(), gated)  # type: ignore[arg-type]
+    calls = [asyncio.create_task(call(app)) for _ in range(5)]
+    await eventually(lambda: gated.reads == 1, "the first read started")
+    gated.gate.set()
+    assert [(await c)[0] for c in calls] == [200] * 5 and gated.reads == 1
+    _, key = await KeyStore(store.db).create("laptop")  # `openfusion keys create` meanwhile
+    assert (await call(app))[0] == 401 and gated.reads == 2  # a new read: no cache
+    gated.gate.clear()
+    calls = [asyncio.create_task(call(app, auth=f"Bearer {key}")) for _ in range(5)]
+    await eventually(lambda: gated.reads == 3, "the key's read started")
+    calls[0].cancel()  # a client gone does not cancel the read the others wait for
+    gated.gate.set()
+    assert [(await c)[0] for c in calls[1:]] == [200] * 4 and gated.reads == 3
 
 
 async def test_revoking_every_key_locks_instead_of_opening(store: KeyStore) -> None:

@@ -11,10 +11,12 @@ The keys themselves live in the store (``openfusion.store.KeyStore``), managed w
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class KeyGate:
@@ -48,16 +51,38 @@ class KeyGate:
     def __init__(self, store: KeyStore | None) -> None:
         self.store = store
         self._enforcing = False
+        self._reads: dict[object, asyncio.Future[Any]] = {}
 
     async def enforcing(self) -> bool:
-        if self.store is None:
+        store = self.store
+        if store is None:
             return False
-        if not self._enforcing and await self.store.has_active_keys():
+        if not self._enforcing and await self._shared("any", store.has_active_keys):
             self._enforcing = True
         return self._enforcing
 
     async def verify(self, token: str) -> KeyRecord | None:
-        return None if self.store is None else await self.store.verify(token)
+        store = self.store
+        if store is None:
+            return None
+        return await self._shared(("key", token), lambda: store.verify(token))
+
+    async def _shared(self, what: object, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``, or the same read already in flight: requests that arrive together share
+        one query. Each answer is still read after its request arrived or while it was being
+        read, so a key created or revoked elsewhere counts from the next read on (there is no
+        cache); 2,000 requests at once no longer queue 2,000 reads for the database's pool."""
+        flight = self._reads.get(what)
+        if flight is None:
+            flight = self._reads[what] = asyncio.ensure_future(read())
+            flight.add_done_callback(lambda done: self._landed(what, done))
+        result: T = await asyncio.shield(flight)  # one request gone does not cancel the read
+        return result
+
+    def _landed(self, what: object, flight: asyncio.Future[Any]) -> None:
+        self._reads.pop(what, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every waiter may have gone
 
 
 class BearerAuth:
