@@ -24,6 +24,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = ["LimitedHttpToolsProtocol", "uvicorn_options"]
 
 DEFAULT_MAX_HEADER_BYTES = 16_384
+LINGER_SECONDS = 2.0
+"""How long a refused connection still reads (and drops) what its client sends."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -36,6 +38,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -46,6 +49,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # refused: what still arrives is read and dropped
+            return
         in_head_before = self._in_head
         super().data_received(data)
         if in_head_before and self._in_head and not self.transport.is_closing():
@@ -87,7 +92,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"content-length: " + str(len(body)).encode() + b"\r\n"
             b"connection: close\r\n\r\n" + body.encode()
         )
-        self.transport.close()
+        # A lingering close: closing at once, with bytes the client is still sending unread,
+        # makes the kernel reset the connection, and a reset can drop the 431 before the
+        # client reads it. So: end our side (FIN), drop what still arrives, close soon.
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
