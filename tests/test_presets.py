@@ -40,9 +40,9 @@ def write(path: Path, text: str) -> Path:
 
 def test_shipped_presets(settings: Settings) -> None:
     local = load_preset("local", settings)
-    assert [s.model for s in local.panel] == ["local/gemma-3-270m"] * 3
-    assert len({(s.temperature, s.seed) for s in local.panel}) == 3
-    assert local.judge == "local/gemma-3-270m"
+    assert {s.model for s in local.panel} == {"local/gemma-3-270m"}
+    assert len({s.seed for s in local.panel}) == len(local.panel) >= 3
+    assert local.judge == "local/gemma-3-270m" and local.judge_mode == "select"
     budget = load_preset("budget", settings)
     assert [s.model for s in budget.panel] == [
         "openrouter/google/gemini-3-flash-preview",
@@ -206,3 +206,18 @@ def test_reasoning_and_max_completion_tokens_in_a_preset_file(settings: Settings
     path.write_text('judge = "s/j"\npanel = [{ model = "s/a" }]\n[reasoning]\neffort = "max"\n')
     with pytest.raises(ConfigError, match=r"reasoning\.effort"):
         load_preset("thinking", settings)
+
+
+def test_the_judge_as_a_table_names_its_mode(tmp_path: Path) -> None:
+    from openfusion.presets import load_preset_file
+
+    file = tmp_path / "picky.toml"
+    panel = 'panel = [{ model = "scripted/a" }, { model = "scripted/b" }]\n'
+    file.write_text(panel + '[judge]\nmodel = "scripted/j"\nmode = "select"\n')
+    preset = load_preset_file(file)
+    assert (preset.judge, preset.judge_mode) == ("scripted/j", "select")
+    file.write_text(panel + 'judge = "scripted/j"\n')
+    assert load_preset_file(file).judge_mode == "synthesise"
+    file.write_text(panel + '[judge]\nmodel = "scripted/j"\nmode = "vote"\n')
+    with pytest.raises(ConfigError, match="judge"):
+        load_preset_file(file)

@@ -469,6 +469,18 @@ def index(paths: tuple[Path, ...]) -> None:
 )
 @click.option("--configs", "-c", help="Comma-separated presets, self:<model>, preset files, ids.")
 @click.option("--limit", type=click.IntRange(min=1), help="Items per dataset (the first N).")
+@click.option(
+    "--offset",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Skip this many items first (measure on items you did not tune on).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 2),
+    help="Sent with every question, as a client would (fused panels keep their spread).",
+)
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option(
     "--max-cost",
@@ -483,6 +495,8 @@ def eval_command(
     datasets: tuple[str, ...],
     configs: str | None,
     limit: int | None,
+    offset: int,
+    temperature: float | None,
     concurrency: int,
     max_cost: float | None,
     grader: str | None,
@@ -515,7 +529,7 @@ def eval_command(
         raise click.UsageError("give --dataset and --configs (or --list-datasets)")
     try:
         settings = Settings.load()
-        loaded = [evals.load_dataset(spec, limit) for spec in datasets]
+        loaded = [evals.load_dataset(spec, limit, offset) for spec in datasets]
         plan = evals.EvalPlan(
             datasets=loaded,
             configs=evals.parse_configs(configs, settings),
@@ -524,6 +538,7 @@ def eval_command(
             concurrency=concurrency,
             max_cost=max_cost,
             tools=not no_tools,
+            temperature=temperature,
         )
         runner = evals.EvalRunner(plan, settings)
     except ConfigError as exc:
@@ -549,6 +564,8 @@ def eval_command(
         "configs": [c.name for c in plan.configs],
         "grader_model": grader,
         "tools": plan.tools,
+        "offset": offset,
+        "temperature": temperature,
         "max_cost": max_cost,
         "spent": outcome.spent if outcome else None,
         "not_run": outcome.not_run if outcome else 0,

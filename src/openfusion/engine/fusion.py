@@ -91,7 +91,7 @@ class Fusion:
         the configured built-ins), those the preset allows — ``web_search`` on the corpus only
         once ``openfusion index`` has built it. ``None`` when there are none."""
         use = self.preset.tools
-        if not use.enabled or use.max_tool_calls == 0:
+        if not use.enabled or (use.max_tool_calls == 0 and not use.retrieve):
             return None
         if self._available is None:
             self._available = configured_tools(self.settings)
@@ -361,7 +361,7 @@ def configured_tools(settings: Settings) -> ToolRegistry:
 def select_tools(available: ToolRegistry, use: ToolUse, settings: Settings) -> ToolRegistry | None:
     """The tools of ``available`` that ``use`` allows: ``web_search`` on the corpus only once
     ``openfusion index`` has built it. ``None`` when there are none."""
-    if not use.enabled or use.max_tool_calls == 0:
+    if not use.enabled or (use.max_tool_calls == 0 and not use.retrieve):
         return None
     names = [n for n in available.names if use.allow is None or n in use.allow]
     if "web_search" in names and not _corpus_ready(settings):

@@ -126,6 +126,15 @@ class FusionResult:
     finish_reason: str = "stop"
     caller_failure: MemberFailure | None = None
     """The caller tier: the caller's own failure (``caller_upstream_error`` and the like)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage run (``retrieval``, ``panel``, ``analysis``, ``synthesis``)."""
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Tokens generated per second of the run's model stages (``None`` before any)."""
+        seconds = sum(t for stage, t in self.timings.items() if stage != "retrieval")
+        tokens = self.usage.completion_tokens
+        return round(tokens / seconds, 1) if seconds > 0 and tokens else None
 
     @property
     def unpriced(self) -> list[str]:
@@ -163,6 +172,8 @@ class FusionResult:
             ],
             "finish_reason": self.finish_reason,
             "caller_failure": self.caller_failure.to_dict() if self.caller_failure else None,
+            "timings": {stage: round(t, 3) for stage, t in self.timings.items()},
+            "tokens_per_second": self.tokens_per_second,
         }
 
 

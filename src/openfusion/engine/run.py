@@ -10,11 +10,12 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from openfusion.engine import citations
+from openfusion.engine import citations, retrieval, select
 from openfusion.engine.budget import Budget
 from openfusion.engine.judge import (
     AnalysisError,
@@ -49,6 +50,8 @@ from openfusion.engine.trace import (
     TraceEvent,
 )
 from openfusion.errors import ProviderError
+from openfusion.presets import Preset
+from openfusion.providers.base import Scorer
 from openfusion.tools import ToolRegistry
 from openfusion.types import CompletionRequest, Message, Usage
 
@@ -128,6 +131,10 @@ class FusionRun:
         self.trace = context.trace
         self.started = time.monotonic()
         self.tools, self.max_tool_calls = context.tool_use
+        self.timings: dict[str, float] = {}
+        """Seconds per stage, as ``FusionResult.timings``."""
+        self.passages: tuple[retrieval.Passage, ...] = ()
+        """What the engine's own search found relevant (``[tools] retrieve``)."""
         self.sources: list[tuple[str, str]] = []
         """``(url, title)`` of every document a tool call of this run returned, in order."""
         self.base = CompletionRequest(
@@ -152,15 +159,24 @@ class FusionRun:
         self.trace(FusionPlan(self.preset.name, self.preset.judge, plan))
         for member in members:
             self.emit(MemberEvent(member.index, member.name, "waiting"))
-        outcomes = await gather_panel(members, self.ask, self.preset.policy, self.deadline)
+        if self.preset.tools.retrieve:
+            with self.timed("retrieval"):
+                self.passages = await retrieval.retrieve(self.question, self.retrieval_tools())
+            self.sources.extend((p.url, p.title) for p in self.passages)
+        with self.timed("panel"):
+            outcomes = await gather_panel(members, self.ask, self.preset.policy, self.deadline)
         responses = tuple(o for o in outcomes if isinstance(o, MemberResponse))
         failures = tuple(o for o in outcomes if isinstance(o, MemberFailure))
         panel = total([o.usage for o in outcomes])
         if len(responses) < self.preset.policy.min_panel:
             self.finish(responses, failures, "", None, {"panel": panel}, _panel_failure(failures))
             return
+        if self.preset.judge_mode == "select":
+            await self.execute_select(responses, failures, panel, synthesise)
+            return
         labelled = anonymise(responses, self.fusion._rng)
-        analysis, analysed = await self.analyse(labelled)
+        with self.timed("analysis"):
+            analysis, analysed = await self.analyse(labelled)
         stages = {"panel": panel, "analysis": analysed.usage}
         error = analysed.error
         sources = citations.number_sources(self.sources)
@@ -168,9 +184,10 @@ class FusionRun:
         cut: AnalysisError | None = None
         """The synthesis failed after part of the answer went out."""
         if synthesise:
-            content, synthesised = await self.synthesise(
-                labelled, analysis, responses[0].content, sources
-            )
+            with self.timed("synthesis"):
+                content, synthesised = await self.synthesise(
+                    labelled, analysis, responses[0].content, sources
+                )
             stages["synthesis"] = synthesised.usage
             error = error or synthesised.error
             cut = synthesised.error if synthesised.cut else None
@@ -193,6 +210,76 @@ class FusionRun:
             checked,
             finish_reason="stop" if cut is None else "error",
         )
+
+    async def execute_select(
+        self,
+        responses: tuple[MemberResponse, ...],
+        failures: tuple[MemberFailure, ...],
+        panel: Usage,
+        synthesise: bool,
+    ) -> None:
+        """The judge picks an answer instead of writing one (``engine/select.py``); with a
+        relevant retrieved passage, the answer quotes it."""
+        self.emit(StageEvent("analysis", "running", model=self.preset.judge))
+        with self.timed("analysis"):
+            scored = await self.score(select.candidates(responses))
+        limits = self.preset.limits
+        analysis = select.analysis(self.question, scored, len(responses), limits.analysis_chars)
+        sources = citations.number_sources(self.sources)
+        self.emit(
+            StageEvent(
+                "analysis",
+                "done",
+                self.timings["analysis"],
+                Usage(),
+                model=self.preset.judge,
+                analysis=analysis,
+                sources=tuple(
+                    {"number": s.number, "title": s.title, "url": s.url} for s in sources
+                ),
+            )
+        )
+        content = ""
+        if synthesise:
+            quote = retrieval.quote(self.passages, sources)
+            content = quote or select.best(scored).text
+            self.emit(AnswerDelta(content))
+        checked = citations.check(content, sources, responses, listing=not self.options.structured)
+        if checked.content != content:
+            self.emit(AnswerDelta(checked.content[len(content) :]))
+        stages = {"panel": panel, "analysis": Usage()}
+        self.finish(responses, failures, checked.content, analysis, stages, None, checked)
+
+    async def score(self, found: list[select.Candidate]) -> list[select.Candidate]:
+        """``found`` with the judge's likelihood of each (as they were: one candidate, or a
+        judge that cannot score, needs none)."""
+        if len(found) < 2:
+            return found
+        provider, name = self.caller.registry.resolve(self.preset.judge)
+        if not isinstance(provider, Scorer):
+            return found
+        request = dataclasses.replace(
+            self.panel_request(0), model=name, temperature=None, seed=None, max_tokens=None
+        )
+        try:
+            logliks = await provider.loglikelihood(request, [c.text for c in found])
+        except ProviderError as exc:  # agreement alone still selects
+            log.warning("run %s: the judge could not score the answers: %s", self.id, exc)
+            return found
+        return [dataclasses.replace(c, loglik=v) for c, v in zip(found, logliks, strict=True)]
+
+    def retrieval_tools(self) -> ToolRegistry | None:
+        """The search the engine runs itself (``[tools] retrieve``): the run's, also when its
+        members may make no calls themselves; none when the request turned tools off."""
+        return self.tools if self.tools is not None and "web_search" in self.tools else None
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[stage] = time.monotonic() - started
 
     def finish(
         self,
@@ -229,6 +316,7 @@ class FusionRun:
                     annotations=checked.annotations if checked else (),
                     unverified_citations=checked.unverified if checked else (),
                     finish_reason=finish_reason,
+                    timings=dict(self.timings),
                 )
             )
         )
@@ -238,23 +326,7 @@ class FusionRun:
     async def ask(self, member: Member) -> MemberResponse | MemberFailure:
         self.emit(MemberEvent(member.index, member.name, "running"))
         started = time.monotonic()
-        system = self.fusion.prompts.render(
-            "panel_system",
-            question=self.question,
-            member_index=member.index,
-            panel_size=len(self.preset.panel),
-            tools=list(self.tools.names) if self.tools and self.max_tool_calls else [],
-        )
-        seed = member.slot.seed if self.options.seed is None else self.options.seed + member.index
-        request = self.options.sampling(
-            dataclasses.replace(
-                self.base,
-                messages=(Message("system", system), *self.messages),
-                temperature=member.slot.temperature,
-                seed=seed,
-                max_tokens=cap(self.preset.limits.panel_max_tokens, self.max_completion_tokens),
-            )
-        )
+        request = self.panel_request(member.index)
 
         def on_tool(call: ToolCallRecord, started: float) -> None:
             ok = call.error is None
@@ -273,8 +345,14 @@ class FusionRun:
             observe=self.trace.observer("panel", member.index),
         )
         error = answer.error
+        content = select.clean(answer.content)
         if error is None and not answer.content.strip():
             error = ProviderError("the model returned an empty answer", reason="empty_completion")
+        elif error is None and not content:
+            error = ProviderError(
+                f"the model wrote a tool call as text, not an answer: {answer.content[:200]}",
+                reason="not_an_answer",
+            )
         elapsed = time.monotonic() - started
         if error is not None:  # what the member spent before failing still counts
             failure = MemberFailure(
@@ -302,7 +380,7 @@ class FusionRun:
         response = MemberResponse(
             model=answer.model,
             name=member.name,
-            content=answer.content.strip(),
+            content=content,
             usage=answer.usage,
             latency_ms=round(elapsed * 1000),
             tool_calls=answer.tool_calls,
@@ -313,6 +391,30 @@ class FusionRun:
             )
         )
         return response
+
+    def panel_request(self, index: int) -> CompletionRequest:
+        """What panel member ``index`` is asked (the judge's select mode scores answers
+        against the same prompt)."""
+        slot = self.preset.panel[index]
+        system = self.fusion.prompts.render(
+            "panel_system",
+            question=self.question,
+            member_index=index,
+            panel_size=len(self.preset.panel),
+            tools=list(self.tools.names) if self.tools and self.max_tool_calls else [],
+        )
+        seed = slot.seed if self.options.seed is None else self.options.seed + index
+        request = self.options.sampling(
+            dataclasses.replace(
+                self.base,
+                messages=(Message("system", system), *self.messages),
+                seed=seed,
+                max_tokens=cap(self.preset.limits.panel_max_tokens, self.max_completion_tokens),
+            )
+        )
+        return dataclasses.replace(
+            request, temperature=panel_temperature(self.preset, index, self.options.temperature)
+        )
 
     def deadline(self, member: Member, waited: float) -> MemberFailure:
         elapsed = time.monotonic() - self.started
@@ -454,6 +556,18 @@ class FusionRun:
 
 
 PANEL_FAILURES = frozenset({"all_panels_failed", "rate_limited", "insufficient_credits"})
+
+
+def panel_temperature(preset: Preset, index: int, requested: float | None) -> float | None:
+    """Member ``index``'s temperature: the request's sets the base and the preset's spread
+    stays (with temperatures 0.0, 0.7, 1.0 and a request at 0.2: 0.2, 0.9, 1.2), so a
+    request at 0 still gets distinct samples from a panel of one model. At most 2."""
+    own = preset.panel[index].temperature
+    if requested is None:
+        return own
+    given = [s.temperature for s in preset.panel if s.temperature is not None]
+    spread = own - min(given) if own is not None else 0.0
+    return min(2.0, requested + spread)
 
 
 def last_user(messages: Sequence[Message]) -> str:

@@ -40,6 +40,8 @@ class Answer:
     """``model: reason (message)`` of each call that failed, and the run's failure reason."""
     budget_cut: bool = False
     """A call was not started because of ``--max-cost``: the answer is not a fair result."""
+    panel: tuple[str, ...] = ()
+    """A fused config: what each panel member answered (for the oracle score)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ class EvalConfig:
             text = repr(
                 (p.panel, p.judge, p.judge_fallbacks, p.limits, p.policy, p.tools, p.prompts)
             )
+            if p.judge_mode != "synthesise":  # older results keep their fingerprints
+                text += f" judge_mode={p.judge_mode}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -91,8 +95,10 @@ class Answerer:
         settings: Settings,
         caller: Caller,
         tools: ToolRegistry | None,
+        temperature: float | None = None,
     ) -> None:
         self.config = config
+        self.temperature = temperature
         self.settings = settings
         self.caller = caller
         self.fusion: Fusion | None = None
@@ -124,7 +130,7 @@ class Answerer:
         return await self._single(question, budget)
 
     async def _fused(self, fusion: Fusion, question: str, budget: Budget | None) -> Answer:
-        result = await fusion.run(question, budget=budget)
+        result = await fusion.run(question, budget=budget, temperature=self.temperature)
         failures = [f"{f.name}: {f.reason} ({f.message})" for f in result.failed_models]
         if result.failure_reason:
             failures.append(f"{result.failure_reason}: {result.failure_message or ''}".strip())
@@ -138,6 +144,7 @@ class Answerer:
             result.latency_ms,
             tuple(failures),
             cut,
+            tuple(r.content for r in result.responses),
         )
 
     async def _single(self, question: str, budget: Budget | None) -> Answer:
@@ -148,7 +155,9 @@ class Answerer:
             "panel_system", question=question, member_index=0, panel_size=1, tools=tool_names
         )
         request = CompletionRequest(
-            model="", messages=(Message("system", system), Message("user", question))
+            model="",
+            messages=(Message("system", system), Message("user", question)),
+            temperature=self.temperature,
         )
         started = time.monotonic()
         answer = await answer_with_tools(

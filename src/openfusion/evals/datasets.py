@@ -53,8 +53,9 @@ class Loader:
     """``(argument, limit)``: the argument after ``name:`` ('' when none)."""
 
 
-def load_dataset(spec: str, limit: int | None = None) -> Dataset:
-    """The dataset a ``--dataset`` spec names, cut to its first ``limit`` items."""
+def load_dataset(spec: str, limit: int | None = None, offset: int = 0) -> Dataset:
+    """The dataset a ``--dataset`` spec names, cut to ``limit`` items from item ``offset`` on
+    (tune on ``--limit 100``, measure on ``--offset 100``: items not tuned on)."""
     name, _, argument = spec.partition(":")
     loader = LOADERS.get(name)
     if loader is None:
@@ -68,10 +69,12 @@ def load_dataset(spec: str, limit: int | None = None) -> Dataset:
                 "(`openfusion eval --list-datasets`)"
             )
     else:
-        dataset = loader.load(argument, limit)
-    if limit is not None:
-        return Dataset(dataset.name, dataset.items[:limit], dataset.description, dataset.deny_hosts)
-    return dataset
+        dataset = loader.load(argument, None if limit is None else offset + limit)
+    if limit is None and not offset:
+        return dataset
+    end = None if limit is None else offset + limit
+    items = dataset.items[offset:end]
+    return Dataset(dataset.name, items, dataset.description, dataset.deny_hosts)
 
 
 # -- DRACO -------------------------------------------------------------------------------------

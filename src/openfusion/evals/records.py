@@ -52,6 +52,10 @@ class Record:
     detail: dict[str, Any] = field(default_factory=dict)
     grade_error: str | None = None
     grader_model: str | None = None
+    oracle: float | None = None
+    """A fused config: the best score of its panel's answers (any member right: 100), graded
+    as the answer is; the most a judge that selects could score. ``None`` for a single model
+    and for rubric-graded items (their grading costs calls)."""
 
     @property
     def key(self) -> Key:

@@ -26,7 +26,8 @@ from openfusion.evals.summary import Comparison, ConfigRow, Table, summarise
 
 RESULT_COLUMNS = (
     "dataset", "item_id", "config", "kind", "grader", "grader_model", "run_id", "status",
-    "score", "cost", "grading_cost", "latency_ms", "tokens", "failures", "grade_error", "answer",
+    "score", "oracle", "cost", "grading_cost", "latency_ms", "tokens", "failures", "grade_error",
+    "answer",
 )  # fmt: skip
 
 
@@ -57,6 +58,11 @@ def comparison_line(c: Comparison) -> str:
     )
 
 
+def oracle(row: ConfigRow) -> str:
+    """The fused row's oracle score (any panel member right), blank for the others."""
+    return "" if row.oracle is None else f"{row.oracle:.1f}"
+
+
 def _score(row: ConfigRow) -> tuple[str, str]:
     if row.score is None or row.ci is None:
         return "", ""
@@ -64,13 +70,17 @@ def _score(row: ConfigRow) -> tuple[str, str]:
 
 
 def markdown_table(table: Table) -> str:
-    head = "| config | kind | n | score | 95% CI | cost | cost/item | p50 s | p95 s | failures |"
-    lines = [f"**{table.dataset}** · graded by {table.grader}", "", head, "|" + "---|" * 10]
+    head = (
+        "| config | kind | n | score | 95% CI | oracle | cost | cost/item | p50 s | p95 s "
+        "| failures |"
+    )
+    lines = [f"**{table.dataset}** · graded by {table.grader}", "", head, "|" + "---|" * 11]
     for row in table.rows:
         score, ci = _score(row)
         mark = " ◆" if row.config in table.pareto else ""
         lines.append(
-            f"| {row.config}{mark} | {row.kind} | {row.n} | {score} | {ci} | {money(row.cost)} "
+            f"| {row.config}{mark} | {row.kind} | {row.n} | {score} | {ci} | {oracle(row)} "
+            f"| {money(row.cost)} "
             f"| {money(row.cost_per_item, 6)} | {seconds(row.latency_p50)} "
             f"| {seconds(row.latency_p95)} | {row.failures} |"
         )
@@ -176,17 +186,17 @@ def summary_csv(tables: Sequence[Table]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["dataset", "grader", "config", "kind", "n", "score", "ci_low", "ci_high", "cost",
-         "cost_per_item", "latency_p50_s", "latency_p95_s", "failures", "grading_errors",
-         "pareto"]
+        ["dataset", "grader", "config", "kind", "n", "score", "ci_low", "ci_high", "oracle",
+         "cost", "cost_per_item", "latency_p50_s", "latency_p95_s", "failures",
+         "grading_errors", "pareto"]
     )  # fmt: skip
     for t in tables:
         for r in t.rows:
             ci = r.ci or (None, None)
             writer.writerow(
-                [t.dataset, t.grader, r.config, r.kind, r.n, r.score, ci[0], ci[1], r.cost,
-                 r.cost_per_item, r.latency_p50, r.latency_p95, r.failures, r.grading_errors,
-                 r.config in t.pareto]
+                [t.dataset, t.grader, r.config, r.kind, r.n, r.score, ci[0], ci[1], r.oracle,
+                 r.cost, r.cost_per_item, r.latency_p50, r.latency_p95, r.failures,
+                 r.grading_errors, r.config in t.pareto]
             )  # fmt: skip
     return out.getvalue()
 
@@ -230,6 +240,7 @@ def write_report(
             seconds=seconds,
             comparison_line=comparison_line,
             score=_score,
+            oracle=oracle,
             detail=lambda r: json.dumps(r.detail, ensure_ascii=False)[:300],
         )
     )

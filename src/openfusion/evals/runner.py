@@ -42,6 +42,9 @@ class EvalPlan:
     max_cost: float | None = None
     tools: bool = True
     """``False``: no config gets tools (the engine's ``tools: []``)."""
+    temperature: float | None = None
+    """Sent with every question, as a client's request would (a fused config keeps its
+    panel's spread above it); ``None``: each config's own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ class EvalRunner:
         for dataset in plan.datasets:
             tools = self._tools(dataset)
             for config in plan.configs:
-                answerer = Answerer(config, settings, self.caller, tools)
+                answerer = Answerer(config, settings, self.caller, tools, plan.temperature)
                 answerer.check()
                 self.answerers[(dataset.name, config.name)] = answerer
         if self.grader is not None:
@@ -191,6 +194,10 @@ class EvalRunner:
             grade = Grade(0.0, detail={"no_answer": True})
         else:
             grade = await self._grade(item, answer.content, budget)
+        oracle = None
+        if answer.panel and kind != "rubric":
+            graded = [RULE_GRADERS[kind](item, content).score for content in answer.panel]
+            oracle = max((s for s in graded if s is not None), default=None)
         return Record(
             dataset=dataset.name,
             item_id=item.id,
@@ -211,6 +218,7 @@ class EvalRunner:
             detail=grade.detail,
             grade_error=grade.error,
             grader_model=self.grader.model if kind == "rubric" and self.grader else None,
+            oracle=oracle,
         )
 
     async def _regrade(self, done: Record, item: Item, budget: Budget | None) -> Record:

@@ -37,6 +37,8 @@ class ConfigRow:
     """Items this config gave no answer to (scored 0)."""
     grading_errors: int
     axes: dict[str, float] = field(default_factory=dict)
+    oracle: float | None = None
+    """A fused config: mean of the best panel answer's score (``Record.oracle``)."""
 
     @property
     def cost_per_item(self) -> float | None:
@@ -94,6 +96,7 @@ def _row(config: str, records: list[Record]) -> ConfigRow:
     for axis in dict.fromkeys(a for r in graded for a in r.axes):
         values = [r.axes[axis] for r in graded if axis in r.axes]
         axes[axis] = float(np.mean(values))
+    oracles = [r.oracle for r in graded if r.oracle is not None]
     return ConfigRow(
         config=config,
         kind=records[0].kind,
@@ -106,6 +109,7 @@ def _row(config: str, records: list[Record]) -> ConfigRow:
         failures=sum(r.status == "error" for r in records),
         grading_errors=len(records) - len(graded),
         axes=axes,
+        oracle=float(np.mean(oracles)) if oracles else None,
     )
 
 

@@ -5,7 +5,7 @@ Shipped presets are the ``*.toml`` files beside this module; users add or shadow
 seeds and temperatures) judged by the same model. A preset file::
 
     description = "..."
-    judge = "openrouter/deepseek/deepseek-v4-pro"
+    judge = "openrouter/deepseek/deepseek-v4-pro"   # or a [judge] table: see below
     judge_fallbacks = ["openrouter/google/gemini-3-flash-preview"]     # optional
     panel = [
       { model = "openrouter/google/gemini-3-flash-preview", temperature = 0.7, seed = 1,
@@ -35,10 +35,20 @@ seeds and temperatures) judged by the same model. A preset file::
     allow = ["web_search", "web_fetch"]   # default: every configured tool
     max_tool_calls = 8            # per member (and the judge), at most 16
     first_call = "auto"           # "required": search before answering
+    retrieve = false              # true: the engine searches with the question first
     judge = true                  # the judge may check claims with the tools before its analysis
 
     [prompts]                     # optional, template overrides, paths relative to this file
     synthesis = "my_synthesis.j2"
+
+The judge as a table (instead of ``judge = "<model>"``)::
+
+    [judge]
+    model = "local/gemma-3-270m"
+    mode = "select"               # "synthesise" (default): the judge writes the analysis and
+                                  # the answer; "select": it picks the best-supported panel
+                                  # answer (agreement, then its own likelihood of each), for
+                                  # models too weak to write either (engine/select.py)
 """
 
 from __future__ import annotations
@@ -92,6 +102,10 @@ class ToolUse(BaseModel):
     """``required``: members must search before they answer (for models that would not)."""
     judge: bool = False
     """The judge may use the tools too, to check the panel's claims before its analysis."""
+    retrieve: bool = False
+    """The engine itself searches once with the question before the panel and keeps the hits
+    that share the question's words (for a model too weak to write a query or to tell a relevant
+    hit from an unrelated one); ``max_tool_calls`` still caps the members' own calls."""
 
 
 class ReasoningConfig(BaseModel):
@@ -130,11 +144,21 @@ class PanelPolicy(BaseModel):
     """... or at most this multiple of the answered members' median latency."""
 
 
+JudgeMode = Literal["synthesise", "select"]
+
+
+class _Judge(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    mode: JudgeMode = "synthesise"
+
+
 class _PresetFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = ""
-    judge: str
+    judge: str | _Judge
     judge_fallbacks: list[str] = Field(default_factory=list, max_length=MAX_PANEL)
     panel: list[_Slot] = Field(min_length=1, max_length=MAX_PANEL)
     policy: PanelPolicy = Field(default_factory=PanelPolicy)
@@ -171,6 +195,8 @@ class Preset:
     tools: ToolUse = field(default_factory=ToolUse)
     reasoning: Reasoning | None = None
     """Sent to the panel and judge models that support it."""
+    judge_mode: JudgeMode = "synthesise"
+    """``select``: the judge picks a panel answer instead of writing one (``engine/select.py``)."""
 
     @property
     def judges(self) -> tuple[str, ...]:
@@ -283,7 +309,8 @@ def _parse(name: str, text: str, where: str, base_dir: Path | None) -> Preset:
         panel=tuple(
             PanelSlot(s.model, s.temperature, s.seed, tuple(s.fallbacks)) for s in data.panel
         ),
-        judge=data.judge,
+        judge=data.judge if isinstance(data.judge, str) else data.judge.model,
+        judge_mode="synthesise" if isinstance(data.judge, str) else data.judge.mode,
         description=data.description,
         limits=data.limits,
         judge_fallbacks=tuple(data.judge_fallbacks),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from openfusion.errors import InvalidResponseError
@@ -40,6 +40,19 @@ class Provider(Protocol):
     def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A provider that can say how likely a model finds a text (llama.cpp in process can; most
+    HTTP APIs cannot score given text). The judge's select mode uses it (``engine/select.py``)."""
+
+    async def loglikelihood(
+        self, request: CompletionRequest, continuations: Sequence[str]
+    ) -> list[float]:
+        """Mean log-probability per token of each continuation as the answer to ``request``
+        (its end included: a continuation that should go on scores lower)."""
+        ...
 
 
 async def collect(chunks: AsyncIterator[Chunk], model: str) -> Completion:

