@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -53,14 +54,13 @@ async def test_short_answer_in_few_tokens(local: LocalProvider) -> None:
 
 async def test_json_schema_output_always_parses(local: LocalProvider) -> None:
     labels = ["Response A", "Response B"]
-    limits = load_preset("local", Settings(Path(), Path())).limits
     completion = await local.complete(
         ask(
             "Compare the responses to 'What is the capital of France?'. "
             "Response A: Paris. Response B: Lyon, since 1990.",
-            max_tokens=limits.analysis_max_tokens,
+            max_tokens=768,  # 11 texts of <= 64 characters (a token can be one character)
             temperature=0.0,
-            json_schema=analysis_schema(labels, limits.analysis_items, limits.analysis_chars),
+            json_schema=analysis_schema(labels, 2, 64),
         )
     )
     analysis = Analysis.model_validate(json.loads(completion.content))
@@ -109,7 +109,8 @@ def test_ask_on_the_local_preset_end_to_end() -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["status"] == "ok"
-    assert len(data["responses"]) == 3
+    assert len(data["responses"]) == len(load_preset("local", Settings.load()).panel)
+    assert "Austen" in data["content"]
     assert set(data["analysis"]) == {
         "consensus",
         "contradictions",
@@ -154,12 +155,15 @@ def test_offline_demo_searches_the_index(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ask", "--json", "Who wrote the novel Emma?"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    calls = [c for r in data["responses"] for c in r["tool_calls"]]
-    assert calls and all(c["name"] == "web_search" for c in calls)
-    assert "web_search(" in result.stderr  # the progress shows the calls
-    assert data["sources"], "the search found the indexed file"
-    for source in data["sources"]:
-        assert Path(source["url"].removeprefix("file://")).is_file()
+    assert data["content"].startswith('"Emma is a novel by Jane Austen, published in 1815." [1]')
+    assert [Path(s["url"]).name for s in data["sources"]] == ["emma.md"]
+    assert Path(data["sources"][0]["url"].removeprefix("file://")).is_file()
+    assert [c for r in data["responses"] for c in r["tool_calls"]] == []  # the engine searched
+    unrelated = CliRunner().invoke(main, ["ask", "--json", "What is the capital of Italy?"])
+    assert unrelated.exit_code == 0, unrelated.output
+    answer = json.loads(unrelated.stdout)
+    assert answer["sources"] == [] and "Emma" not in answer["content"]
+    assert "Rome" in answer["content"]
 
 
 def test_the_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,3 +174,47 @@ def test_the_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> 
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out
     assert "consensus" in printed  # print(result.analysis, ...) ran
+
+
+EXAMPLE_ANSWERS = ("Leo Tolstoy", "Jupiter", "1989", "Iron", "7")
+LEAK_PRONE = (
+    "What shade of blue is named after a Prussian city?",
+    "Which Russian author wrote Anna Karenina?",
+    "Which planet has the most moons?",
+    "In which year did the Soviet Union dissolve?",
+    "Which metal is attracted by a magnet?",
+)
+
+
+async def test_an_example_answer_is_never_taken_for_the_answer(local: LocalProvider) -> None:
+    """Issue 10: a question about a shade of blue came back as the prompt's example answer.
+    These questions draw the 270M model to the examples' answers; none may come back."""
+    for question in LEAK_PRONE:
+        completion = await local.complete(ask(question, temperature=0.0))
+        assert completion.content.rstrip(".") not in EXAMPLE_ANSWERS, question
+        assert "\n" not in completion.content
+
+
+def test_a_tool_call_written_as_text_never_becomes_the_answer() -> None:
+    """Issue 10: with tools described but none offered, members wrote tool-call JSON as their
+    answer and it reached the judge. On the local preset it is a failed member, never the
+    answer."""
+    system = Message(
+        "system",
+        'Tools: web_search (search the web). To use a tool, answer with {"tool": "web_search", '
+        '"arguments": {"query": "..."}}.',
+    )
+    question = Message("user", "Which is the best search engine for news about Mars?")
+    result = asyncio.run(_run_local((system, question)))
+    json_answers = [r.content for r in result.responses if r.content.lstrip().startswith("{")]
+    assert json_answers == []
+    assert not result.content.lstrip().startswith("{")
+    assert all(f.reason == "not_an_answer" for f in result.failed_models)
+    assert result.failed_models, "the prompt no longer draws tool JSON: make it draw some"
+
+
+async def _run_local(messages: tuple[Message, ...]) -> Any:
+    from openfusion import Fusion
+
+    async with Fusion.from_preset("local", recorder=None) as fusion:
+        return await fusion.run(messages, temperature=0)

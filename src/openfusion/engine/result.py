@@ -126,6 +126,9 @@ class FusionResult:
     finish_reason: str = "stop"
     caller_failure: MemberFailure | None = None
     """The caller tier: the caller's own failure (``caller_upstream_error`` and the like)."""
+    selection: tuple[dict[str, Any], ...] = ()
+    """Select mode: each distinct panel answer with its ``votes``, the judge's ``loglik``
+    (mean log-probability per token) and ``score``, best first."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage run (``retrieval``, ``panel``, ``analysis``, ``synthesis``)."""
 
@@ -172,6 +175,7 @@ class FusionResult:
             ],
             "finish_reason": self.finish_reason,
             "caller_failure": self.caller_failure.to_dict() if self.caller_failure else None,
+            "selection": list(self.selection),
             "timings": {stage: round(t, 3) for stage, t in self.timings.items()},
             "tokens_per_second": self.tokens_per_second,
         }

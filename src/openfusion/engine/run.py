@@ -132,6 +132,7 @@ class FusionRun:
         self.started = time.monotonic()
         self.tools, self.max_tool_calls = context.tool_use
         self.timings: dict[str, float] = {}
+        self.selection: tuple[dict[str, Any], ...] = ()
         """Seconds per stage, as ``FusionResult.timings``."""
         self.passages: tuple[retrieval.Passage, ...] = ()
         """What the engine's own search found relevant (``[tools] retrieve``)."""
@@ -248,6 +249,10 @@ class FusionRun:
         if checked.content != content:
             self.emit(AnswerDelta(checked.content[len(content) :]))
         stages = {"panel": panel, "analysis": Usage()}
+        self.selection = tuple(
+            {"answer": c.text, "votes": c.votes, "loglik": round(c.loglik, 4), "score": c.score}
+            for c in sorted(scored, key=lambda c: -c.score)
+        )
         self.finish(responses, failures, checked.content, analysis, stages, None, checked)
 
     async def score(self, found: list[select.Candidate]) -> list[select.Candidate]:
@@ -317,6 +322,7 @@ class FusionRun:
                     unverified_citations=checked.unverified if checked else (),
                     finish_reason=finish_reason,
                     timings=dict(self.timings),
+                    selection=self.selection,
                 )
             )
         )

@@ -185,8 +185,11 @@ class LocalProvider:
         llm = self._load(request.model)
         tools = request.tools if _offers_tools(request) else ()
         prompt, style = self._prompt(request, tools)
-        cap = SHORT_MAX_TOKENS if style == "short" and not tools else DEFAULT_MAX_TOKENS
-        max_tokens = min(request.max_tokens or cap, cap)
+        schema = request.json_schema or _response_schema(request.response_format)
+        short = style == "short" and not tools and schema is None
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        if short:
+            max_tokens = min(max_tokens, SHORT_MAX_TOKENS)
         prompt_tokens = len(llm.tokenize(prompt.encode("utf-8")))
         if prompt_tokens + max_tokens > self._n_ctx:
             raise UpstreamError(
@@ -208,7 +211,6 @@ class LocalProvider:
             "presence_penalty": request.presence_penalty,
         }
         kwargs.update({k: v for k, v in sampling.items() if v is not None})
-        schema = request.json_schema or _response_schema(request.response_format)
         if tools:
             choice = request.tool_choice
             named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
@@ -220,7 +222,7 @@ class LocalProvider:
             kwargs["grammar"] = self._grammar(schema)
         else:
             kwargs["stop"] = [*STOP, *request.stop]
-        checked = schema is None and style == "short"  # whole before it goes out: see below
+        checked = short  # a short answer goes out whole, once it is known not to be a copy
         text: list[str] = []
         finish: str | None = "stop"
         examples = {_same(a) for a in _EXAMPLE_ANSWER.findall(prompt)}
