@@ -53,9 +53,8 @@ async def run(offset: int, limit: int) -> None:
                 selection = [{"answer": greedy, "votes": 1, "loglik": 0.0}]
             rows.append((item, greedy, result.content, order, selection))
             ok = "+" if right(item, result.content) else " "
-            print(
-                f"{n + offset:4} {ok} {item.prompt[:50]:52} greedy {greedy[:24]:26} → {result.content[:30]}"
-            )
+            said = f"greedy {greedy[:24]:26} → {result.content[:30]}"
+            print(f"{n + offset:4} {ok} {item.prompt[:50]:52} {said}")
     n = len(rows)
 
     def rate(hits: int) -> str:

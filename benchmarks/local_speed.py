@@ -74,9 +74,8 @@ async def measure(rounds: int, temperature: float | None) -> None:
     per_stage = ", ".join(f"{s} {statistics.median(v):.2f}" for s, v in stages.items())
     print(f"fused median seconds per stage: {per_stage}")
     if rates:
-        print(
-            f"fused tokens/s (generated over the model stages, median): {statistics.median(rates):.1f}"
-        )
+        rate = statistics.median(rates)
+        print(f"fused tokens/s (generated, over the model stages; median): {rate:.1f}")
 
 
 def main() -> None:
