@@ -8,13 +8,17 @@ and of likelihood alone, all recomputed from the run's ``selection`` (votes and 
 per distinct answer). Tune on ``--offset 0 --limit 100``; measure elsewhere with
 ``openfusion eval --offset 100``.
 
-    python benchmarks/local_select.py [--offset 0] [--limit 100]
+    python benchmarks/local_select.py [--offset 0] [--limit 100] [--dump FILE.jsonl]
+
+``--dump`` writes each item's panel answers and selection, to try other rules on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from openfusion import Fusion, Settings
@@ -38,7 +42,7 @@ def pick(selection: list[dict[str, Any]], weight: float) -> str:
     return str(best[1]["answer"])
 
 
-async def run(offset: int, limit: int) -> None:
+async def run(offset: int, limit: int, dump: str | None) -> None:
     items = load_dataset("triviaqa", limit, offset).items
     rows = []
     async with Fusion.from_preset("local", recorder=None) as fusion:
@@ -52,6 +56,11 @@ async def run(offset: int, limit: int) -> None:
             if not selection:
                 selection = [{"answer": greedy, "votes": 1, "loglik": 0.0}]
             rows.append((item, greedy, result.content, order, selection))
+            if dump:
+                record = {"item": item.id, "aliases": item.aliases, "panel": order}
+                record |= {"selection": selection, "answer": result.content}
+                with Path(dump).open("a", encoding="utf-8") as file:  # noqa: ASYNC230 - tiny
+                    file.write(json.dumps(record) + "\n")
             ok = "+" if right(item, result.content) else " "
             said = f"greedy {greedy[:24]:26} → {result.content[:30]}"
             print(f"{n + offset:4} {ok} {item.prompt[:50]:52} {said}")
@@ -77,9 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--dump", help="write each item's panel and selection here (JSONL)")
     args = parser.parse_args()
     Settings.load()  # fail early on a bad config
-    asyncio.run(run(args.offset, args.limit))
+    asyncio.run(run(args.offset, args.limit, args.dump))
 
 
 if __name__ == "__main__":
