@@ -70,7 +70,8 @@ _LONG = re.compile(
     r"pros|reasons))",
     re.IGNORECASE,
 )
-_EXAMPLE_ANSWER = re.compile(r"^A: (.+)$", re.MULTILINE)
+_EXAMPLE = re.compile(r"^Q: (.+)\nA: (.+)$", re.MULTILINE)
+_WORD = re.compile(r"[a-z0-9]{4,}")
 
 
 def answer_style(question: str) -> str:
@@ -236,7 +237,7 @@ class LocalProvider:
         checked = short  # a short answer goes out whole, once it is known not to be a copy
         text: list[str] = []
         finish: str | None = "stop"
-        examples = {_same(a) for a in _EXAMPLE_ANSWER.findall(prompt)}
+        copies = _unrelated_answers(prompt)
         bias: dict[int, float] = {}
         for _attempt in range(3):
             text, finish = [], "stop"
@@ -251,7 +252,7 @@ class LocalProvider:
                         put(Chunk(delta=choice["text"]))
                 finish = choice.get("finish_reason") or finish
             written = "".join(text).strip()
-            if not checked or finish == "cancelled" or _same(written) not in examples:
+            if not checked or finish == "cancelled" or _same(written) not in copies:
                 break
             # A copy of an example's answer: ban its first token and write again.
             first = llm.tokenize((" " + written).encode("utf-8"), add_bos=False)[:1]
@@ -336,6 +337,18 @@ class LocalProvider:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unload)
         self._executor.shutdown(wait=False)
+
+
+def _unrelated_answers(prompt: str) -> set[str]:
+    """The answers of the prompt's examples whose question shares no word (of four letters or
+    more) with the question asked: the model writing one of those copied it. An example
+    answer to a related question may be right ("Leo Tolstoy" for Anna Karenina) and stays."""
+    asked = set(_WORD.findall(prompt.rsplit("Q: ", 1)[-1].lower()))
+    return {  # the question asked has no answer yet: it is not among the pairs
+        _same(answer)
+        for question, answer in _EXAMPLE.findall(prompt)
+        if not set(_WORD.findall(question.lower())) & asked
+    }
 
 
 def _same(text: str) -> str:
