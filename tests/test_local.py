@@ -177,12 +177,12 @@ def test_the_readme_library_example_runs(capsys: pytest.CaptureFixture[str]) -> 
 
 
 EXAMPLE_ANSWERS = ("Leo Tolstoy", "Jupiter", "1989", "Iron", "7")
-LEAK_PRONE = (
+LEAK_PRONE = (  # none of them is answered by an example's answer
     "What shade of blue is named after a Prussian city?",
-    "Which Russian author wrote Anna Karenina?",
     "Which planet has the most moons?",
     "In which year did the Soviet Union dissolve?",
-    "Which metal is attracted by a magnet?",
+    "What colour is a ripe banana?",
+    "Which ocean lies between Africa and Australia?",
 )
 
 
@@ -196,21 +196,22 @@ async def test_an_example_answer_is_never_taken_for_the_answer(local: LocalProvi
 
 
 def test_a_tool_call_written_as_text_never_becomes_the_answer() -> None:
-    """Issue 10: with tools described but none offered, members wrote tool-call JSON as their
-    answer and it reached the judge. On the local preset it is a failed member, never the
-    answer."""
-    system = Message(
-        "system",
-        'Tools: web_search (search the web). To use a tool, answer with {"tool": "web_search", '
-        '"arguments": {"query": "..."}}.',
+    """Issue 10: members wrote tool-call JSON as their answer and it reached the judge. A
+    conversation whose earlier answers were tool calls draws the 270M model to write one again
+    (no tools are offered); on the local preset that is a failed member, never the answer."""
+    call = '{"tool": "web_search", "arguments": {"query": "%s"}}'
+    messages = (
+        Message("user", "Who founded the city of Rome?"),
+        Message("assistant", call % "founder of Rome"),
+        Message("user", "Who discovered penicillin?"),
+        Message("assistant", call % "discovery of penicillin"),
+        Message("user", "Who invented the telephone?"),
     )
-    question = Message("user", "Which is the best search engine for news about Mars?")
-    result = asyncio.run(_run_local((system, question)))
-    json_answers = [r.content for r in result.responses if r.content.lstrip().startswith("{")]
-    assert json_answers == []
+    result = asyncio.run(_run_local(messages))
+    assert result.failed_models, "the conversation no longer draws tool JSON: make it draw some"
+    assert {f.reason for f in result.failed_models} == {"not_an_answer"}
+    assert all(not r.content.lstrip().startswith("{") for r in result.responses)
     assert not result.content.lstrip().startswith("{")
-    assert all(f.reason == "not_an_answer" for f in result.failed_models)
-    assert result.failed_models, "the prompt no longer draws tool JSON: make it draw some"
 
 
 async def _run_local(messages: tuple[Message, ...]) -> Any:

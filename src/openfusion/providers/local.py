@@ -72,6 +72,10 @@ _LONG = re.compile(
 )
 _EXAMPLE = re.compile(r"^Q: (.+)\nA: (.+)$", re.MULTILINE)
 _WORD = re.compile(r"[a-z0-9]{4,}")
+_COMMON = frozenset(
+    "what which when where whom whose does have that this with from there their about into "
+    "name many much were been".split()
+)
 
 
 def answer_style(question: str) -> str:
@@ -343,12 +347,16 @@ def _unrelated_answers(prompt: str) -> set[str]:
     """The answers of the prompt's examples whose question shares no word (of four letters or
     more) with the question asked: the model writing one of those copied it. An example
     answer to a related question may be right ("Leo Tolstoy" for Anna Karenina) and stays."""
-    asked = set(_WORD.findall(prompt.rsplit("Q: ", 1)[-1].lower()))
+    asked = _words(prompt.rsplit("Q: ", 1)[-1])
     return {  # the question asked has no answer yet: it is not among the pairs
         _same(answer)
         for question, answer in _EXAMPLE.findall(prompt)
-        if not set(_WORD.findall(question.lower())) & asked
+        if not _words(question) & asked
     }
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower())) - _COMMON
 
 
 def _same(text: str) -> str:
