@@ -73,8 +73,29 @@ _LONG = re.compile(
 _EXAMPLE = re.compile(r"^Q: (.+)\nA: (.+)$", re.MULTILINE)
 _WORD = re.compile(r"[a-z0-9]{4,}")
 _COMMON = frozenset(
-    "what which when where whom whose does have that this with from there their about into "
-    "name many much were been".split()
+    [
+        "what",
+        "which",
+        "when",
+        "where",
+        "whom",
+        "whose",
+        "does",
+        "have",
+        "that",
+        "this",
+        "with",
+        "from",
+        "there",
+        "their",
+        "about",
+        "into",
+        "name",
+        "many",
+        "much",
+        "were",
+        "been",
+    ]
 )
 
 
