@@ -3,7 +3,8 @@ preset) against one greedy pass of ``local/gemma-3-270m``, in one run on one mac
 
 Both answer through the eval harness's own paths (``evals/configs.py``): the fused preset as
 the server runs it, the single model as one panel member would be asked. The questions are
-answered in turn, single then fused, so both see the same load. The goal (issue 10): the fused
+answered in turn, single then fused, so both see the same load, and each starts with the
+question not yet in llama.cpp's prompt cache (the few-shot prefix is, for both). The goal (issue 10): the fused
 median at most 5x the single one. Also printed: the fused runs' median seconds per stage and
 tokens per second.
 
@@ -36,6 +37,10 @@ QUESTIONS = (
     "What is the tallest mountain in Africa?",
 )
 
+FLUSH = "Name a colour of the rainbow."
+"""Asked (untimed) before each timed question: llama.cpp keeps the prompt prefix it saw last,
+so without it the second config would find the question already evaluated."""
+
 
 async def measure(rounds: int, temperature: float | None) -> None:
     settings = Settings.load()
@@ -51,9 +56,11 @@ async def measure(rounds: int, temperature: float | None) -> None:
     rates: list[float] = []
     for _ in range(rounds):
         for question in QUESTIONS:
+            await single.answer(FLUSH, None)  # the question is not in llama.cpp's cache...
             started = time.monotonic()
             answer = await single.answer(question, None)
             times["single"].append(time.monotonic() - started)
+            await single.answer(FLUSH, None)  # ... for either config: both evaluate it
             started = time.monotonic()
             result = await fusion.run(question, temperature=temperature)
             times["fused"].append(time.monotonic() - started)
