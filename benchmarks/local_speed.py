@@ -4,9 +4,9 @@ preset) against one greedy pass of ``local/gemma-3-270m``, in one run on one mac
 Both answer through the eval harness's own paths (``evals/configs.py``): the fused preset as
 the server runs it, the single model as one panel member would be asked. The questions are
 answered in turn, single then fused, so both see the same load, and each starts with the
-question not yet in llama.cpp's prompt cache (the few-shot prefix is, for both). The goal (issue 10): the fused
-median at most 5x the single one. Also printed: the fused runs' median seconds per stage and
-tokens per second.
+question not yet in llama.cpp's prompt cache (the few-shot prefix is, for both). The goal
+(issue 10): the fused median at most 5x the single one. Also printed: the fused runs' median
+seconds per stage and tokens per second.
 
     python benchmarks/local_speed.py [--rounds 2] [--temperature 0]
 """
