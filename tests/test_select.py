@@ -202,3 +202,11 @@ async def test_a_run_reports_seconds_per_stage(settings: Settings) -> None:
     assert set(result.timings) == {"panel", "analysis"}
     assert result.to_dict()["timings"].keys() == {"panel", "analysis"}
     assert result.to_dict()["tokens_per_second"] == result.tokens_per_second
+
+
+async def test_answers_of_punctuation_alone_are_still_candidates(settings: Settings) -> None:
+    """A run crashed (``max()`` of nothing) when every answer normalised to nothing."""
+    fusion, _ = selecting(settings, {"a": "?", "b": "…", "c": "?"})
+    result = await fusion.run("What is the capital of France?")
+    assert result.status == "ok" and result.failure_reason is None
+    assert result.content == "?"

@@ -89,10 +89,9 @@ class Candidate:
 def candidates(responses: Sequence[MemberResponse]) -> list[Candidate]:
     """The distinct answers, in the order first given; each keeps its first wording."""
     groups: dict[str, list[MemberResponse]] = {}
-    for response in responses:
-        key = normalise(response.content)
-        if key:
-            groups.setdefault(key, []).append(response)
+    for response in responses:  # "?" normalises to nothing: it is compared as it is written
+        key = normalise(response.content) or response.content.strip()
+        groups.setdefault(key, []).append(response)
     return [Candidate(members[0].content, tuple(members)) for members in groups.values()]
 
 
