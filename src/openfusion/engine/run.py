@@ -160,9 +160,10 @@ class FusionRun:
         self.trace(FusionPlan(self.preset.name, self.preset.judge, plan))
         for member in members:
             self.emit(MemberEvent(member.index, member.name, "waiting"))
-        if self.preset.tools.retrieve:
+        search = self.retrieval_tools() if self.preset.tools.retrieve else None
+        if search is not None:
             with self.timed("retrieval"):
-                self.passages = await retrieval.retrieve(self.question, self.retrieval_tools())
+                self.passages = await retrieval.retrieve(self.question, search)
             self.sources.extend((p.url, p.title) for p in self.passages)
         with self.timed("panel"):
             outcomes = await gather_panel(members, self.ask, self.preset.policy, self.deadline)

@@ -31,7 +31,7 @@ from openfusion.engine.result import MemberResponse
 AGREEMENT_WEIGHT = 0.5
 """Log-probability units one more vote is worth. Voting alone hurts a 270M model (majority of
 five samples: 13% right on TriviaQA against 18% greedy), likelihood alone mostly re-picks the
-greedy answer; half a unit per vote did best on TriviaQA items 0-35 (benchmarks/README.md)."""
+greedy answer; half a unit per vote did best on TriviaQA items 0-38 (benchmarks/README.md)."""
 
 _FENCE = re.compile(r"<<<(?:END-)?UNTRUSTED-DATA[^\n]*?(?:>>>|$)", re.MULTILINE)
 _LABEL = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)
