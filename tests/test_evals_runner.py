@@ -215,3 +215,49 @@ def test_configs_are_presets_preset_files_or_model_ids(settings: Settings, tmp_p
     assert configs[0].fingerprint != configs[1].fingerprint
     with pytest.raises(ConfigError, match="names a config twice"):
         parse_configs("local,local", settings)
+
+
+async def test_a_fused_record_has_the_oracle_of_its_panel(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The oracle is the best grade of any panel answer: here member b is right (6 * n),
+    member a never, and the judge's answer is graded apart."""
+
+    def right(request: CompletionRequest) -> Step:
+        n = int(request.messages[-1].content.split("6 * ")[1].split("?")[0])
+        return Step(str(6 * n))
+
+    provider = ScriptedProvider({**script(), "b": right})
+    registry = ProviderRegistry(settings)
+    registry.register("s", provider)
+    caller = Caller(registry, PriceCatalog({}), policy=RetryPolicy(attempts=1))
+    outcome = await EvalRunner(plan(tmp_path), settings, caller=caller).run()
+    fused = outcome.records[("toy", "q2", "fused")]
+    assert (fused.score, fused.oracle) == (100.0, 100.0)
+    assert outcome.records[("toy", "q2", "s/solo")].oracle is None  # a single has no panel
+    from openfusion.evals.summary import summarise
+
+    (table,) = summarise(list(outcome.records.values()), ["fused", "s/solo"])
+    assert [(r.config, r.oracle) for r in table.rows] == [("fused", 100.0), ("s/solo", None)]
+    summary = (tmp_path / "out" / "results.jsonl").read_text()
+    assert '"oracle": 100.0' in summary
+
+
+async def test_the_plans_temperature_reaches_every_config(
+    settings: Settings, tmp_path: Path
+) -> None:
+    caller, provider = caller_for(settings)
+    await EvalRunner(plan(tmp_path, temperature=0.0), settings, caller=caller).run()
+    panel = [c.temperature for c in provider.calls if c.model in ("a", "b", "solo")]
+    assert panel and set(panel) == {0.0}
+
+
+def test_offset_skips_the_items_tuned_on(tmp_path: Path) -> None:
+    file = tmp_path / "items.jsonl"
+    rows = [{"id": f"i{n}", "prompt": f"q{n}", "answer": str(n)} for n in range(6)]
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [i.id for i in load_dataset(str(file), 2, offset=3).items] == ["i3", "i4"]
+    assert [i.id for i in load_dataset(str(file), None, offset=4).items] == ["i4", "i5"]
+    generated = load_dataset("reasoning-gym:basic_arithmetic", 2, offset=3)
+    assert [i.id for i in generated.items] == ["basic_arithmetic-3", "basic_arithmetic-4"]
+    assert generated.items == load_dataset("reasoning-gym:basic_arithmetic", 5).items[3:]
