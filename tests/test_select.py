@@ -210,3 +210,12 @@ async def test_answers_of_punctuation_alone_are_still_candidates(settings: Setti
     result = await fusion.run("What is the capital of France?")
     assert result.status == "ok" and result.failure_reason is None
     assert result.content == "?"
+
+
+def test_a_heading_that_runs_into_the_sentence_is_not_quoted() -> None:
+    from openfusion.engine.retrieval import best_sentence
+
+    text = "Emma Emma is a novel by Jane Austen, published in 1815."
+    sentence, share, shared = best_sentence("Who wrote the novel Emma?", "Emma", text)
+    assert sentence == "Emma is a novel by Jane Austen, published in 1815."
+    assert shared == 2 and share == 2 / 3  # "wrote" is not in it

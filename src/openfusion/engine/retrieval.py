@@ -118,6 +118,8 @@ def best_sentence(question: str, title: str, text: str) -> tuple[str, float, int
     best, shared = "", 0
     for part in _SENTENCE_END.split(text):
         flat = " ".join(_MARKUP.sub("", part).split()).strip(" -:")
+        if title and flat.lower().startswith(f"{title.lower()} "):  # the heading runs into it
+            flat = flat[len(title) :].lstrip(" -:")
         sentence = _LABEL.sub("", flat)
         hits = len(wanted & terms(sentence))
         if sentence and hits > shared:
