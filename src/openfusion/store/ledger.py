@@ -310,31 +310,27 @@ class SpendLedger:
                     wanted_nano=wanted,
                     overshoot_nano=await self._overshoot(conn, key_id),
                 )
-            reservation = Reservation(uuid.uuid4().hex, key_id, amount)
-            await conn.execute(
-                insert(reservations).values(
-                    id=reservation.id,
-                    key_id=key_id,
-                    amount_nano=amount,
-                    created_at=self._now(),
-                )
-            )
-        return reservation
+            return await self._insert_reservation(conn, key_id, amount)
 
     async def hold(self, key_id: str, amount_nano: int) -> Reservation:
         """Record a reservation without checking the budget: for a caller that checked it
         elsewhere, atomically (``openfusion.cluster.HotBudgets``, in Redis). A plain insert,
         no lock: the row makes the hold count for every reader of the database."""
-        reservation = Reservation(uuid.uuid4().hex, key_id, amount_nano)
         async with self._write() as conn:
-            await conn.execute(
-                insert(reservations).values(
-                    id=reservation.id,
-                    key_id=key_id,
-                    amount_nano=amount_nano,
-                    created_at=self._now(),
-                )
+            return await self._insert_reservation(conn, key_id, amount_nano)
+
+    async def _insert_reservation(
+        self, conn: AsyncConnection, key_id: str, amount_nano: int
+    ) -> Reservation:
+        reservation = Reservation(uuid.uuid4().hex, key_id, amount_nano)
+        await conn.execute(
+            insert(reservations).values(
+                id=reservation.id,
+                key_id=key_id,
+                amount_nano=amount_nano,
+                created_at=self._now(),
             )
+        )
         return reservation
 
     async def resize(self, reservation_id: str, amount_nano: int) -> None:
