@@ -152,6 +152,7 @@ def start_openfusion(
     (config_dir / "config.toml").write_text(
         f'default_preset = "bench"\n{database}\n[providers.mock]\ntype = "openai_compat"\n'
         f'base_url = "{mock.url}/v1"\napi_key_env = ""\n'
+        '\n[server]\nmodels = ["mock/*"]\n'  # pass-through and stream models, not in a preset
     )
     for preset, prefix in (("bench", ""), ("slow", "slow-")):
         panel = ", ".join(f'{{ model = "mock/{prefix}{m}" }}' for m in "abc")
