@@ -176,6 +176,17 @@ class RunningServer:
     def inbound(self) -> list[Inbound]:
         return self.recorder.inbound
 
+    async def written(self, key: str | None = None) -> None:
+        """Wait until the server has written the runs it answered (a run's end and spend are
+        written just after its answer): ``GET /v1/fusion/runs`` waits for them. ``key``: the
+        API key to ask with, on a server that has keys."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.base_url + "/fusion/runs?limit=1", headers=headers) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+
     def completions(self) -> list[Inbound]:
         return [r for r in self.inbound if r.path == "/v1/chat/completions"]
 

@@ -115,6 +115,7 @@ async def test_fifty_concurrent_requests_hold_the_budget_or_report_the_overshoot
             results = await asyncio.gather(
                 *(post(session, server, key, request(n)) for n in range(50))
             )
+            await server.written(key)
             late = await post(session, server, key, request(0))  # once the dust has settled
         async with SpendLedger(settings.database) as ledger:
             status = await ledger.budget(key_id)
@@ -163,6 +164,7 @@ async def test_an_upstream_that_honours_max_tokens_never_passes_the_budget(serve
             results = await asyncio.gather(
                 *(post(session, server, key, request(n)) for n in range(50))
             )
+        await server.written(key)
         async with SpendLedger(settings.database) as ledger:
             status = await ledger.budget(key_id)
 

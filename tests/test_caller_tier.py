@@ -313,6 +313,7 @@ async def test_the_callers_first_call_stays_in_the_ledger_when_the_run_fails(
         assert resp.status == 502
         assert "caller broke" in (await resp.json())["error"]["message"]
         generation_id = resp.headers["X-Generation-Id"]
+    await server.written()
     async with SpendLedger(demo.settings.database) as ledger:
         rows = await ledger.rows(generation_id)
     by_stage = [(r.stage, r.model) for r in rows]

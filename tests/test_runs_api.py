@@ -275,6 +275,7 @@ async def test_another_server_on_the_database_answers_for_the_generation(serve: 
     demo = setup_demo()
     first = serve(demo.settings, demo.registry)
     run_id = await ask(first, model="openfusion/demo")
+    await first.written()  # the first server writes the run's end just after its answer
     other = setup_demo()
     second = serve(other.settings, other.registry)
     status, data, _ = await call(second, "GET", "/v1/generation", id=run_id)

@@ -270,6 +270,7 @@ async def test_a_response_without_usage_costs_null_not_zero(serve: Serve, stream
     assert status == 200, text
     usage = sse_data(text)[-2]["usage"] if stream else json.loads(text)["usage"]
     assert usage["cost"] is None
+    await server.written()
     async with SpendLedger(settings.database) as ledger:
         (row,) = await ledger.rows(headers["x-generation-id"])
     assert (row.cost_nano, row.unpriced) == (None, True)
@@ -286,6 +287,7 @@ async def test_a_cut_pass_through_stream_is_charged_an_estimate(serve: Serve) ->
     assert status == 200
     error = sse_data(text)[-2]
     assert error["choices"][0]["finish_reason"] == "error"
+    await server.written()
     async with SpendLedger(settings.database) as ledger:
         (row,) = await ledger.rows(headers["x-generation-id"])
     assert (row.stage, row.model) == ("call", "mock/m")

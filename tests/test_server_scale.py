@@ -221,5 +221,6 @@ async def test_a_server_whose_redis_is_down_still_limits_and_holds_budgets(
     server = serve(demo.settings, demo.registry)
     statuses = [(await post(server, key, {**FUSION, "max_cost": 0.5}))[0] for _ in range(3)]
     assert statuses == [200, 200, 429]
+    await server.written(key)
     budget = in_store(demo.settings, lambda store: store.ledger.budget(key_id))
     assert budget.spent_nano == 2 * 6_900_000 and budget.reserved_nano == 0  # as scripted

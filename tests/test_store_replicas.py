@@ -201,6 +201,7 @@ async def test_replicas_share_runs_and_a_killed_one_leaves_unfinished_runs(
         await asyncio.to_thread(wait_up, b_url, b)
         async with aiohttp.ClientSession(headers=headers) as session:
             finished = await ask(session, a_url, "fast")
+            await get(session, a_url + "/v1/generation", id=finished)  # A writes it, then B reads
             generation = (await get(session, b_url + "/v1/generation", id=finished))["data"]
             assert generation["id"] == finished and generation["status"] == "ok"
             assert round(generation["total_cost"] * NANO) == 3_900_000
@@ -312,6 +313,8 @@ async def test_two_replicas_share_a_budget_and_a_rate_limit(tmp_path: Path) -> N
                     if status == 200 and gen is not None
                 ]
                 statuses = sorted(status for status, _ in answers)
+                for url in (a_url, b_url):  # each writes what it answered (reading waits for it)
+                    await get(team, url + "/v1/fusion/runs", limit="1")
                 # Every run and generation is visible from both replicas.
                 for url in (a_url, b_url):
                     listed = (await get(team, url + "/v1/fusion/runs", limit="100"))["data"]

@@ -358,8 +358,8 @@ async def test_settle_writes_the_end_and_the_spend_in_one_go(store: Store) -> No
     await store.ledger.set_budget("k", 1.0)
     reservation = await store.ledger.reserve("k", 0.5)
     assert reservation is not None
-    # The writer gathers changes for a minute, but a request waiting for its settle cuts that
-    # short (the wait_for below would time out long before).
+    # The writer gathers changes for a minute: a settled run waits for the batch, until a
+    # reader hurries the writer (the wait_for below would time out long before the minute).
     recorder = StoreRecorder(store, source="server", flush_interval=60)
     await recorder.start()
     log = recorder.start_run(RunStart("gen-1", "call", (Message("user", QUESTION),), key_id="k"))
@@ -367,7 +367,12 @@ async def test_settle_writes_the_end_and_the_spend_in_one_go(store: Store) -> No
         record = CallRecord(("m",), "m", (), "x", (), Usage(cost=cost), 1, None, False, 0.0, 0.0)
         log.event(ModelCallEvent("call", None, record))
     end = RunEnd("ok", "x", Usage(cost=0.3))
-    await asyncio.wait_for(recorder.settle(log, end, LedgerEntry(reservation.id, "k")), 10)
+    written = recorder.settle(log, end, LedgerEntry(reservation.id, "k"))
+    await asyncio.sleep(0.2)
+    assert not written.done()  # batched: nothing is written per settle
+    assert await store.ledger.rows("gen-1") == []
+    recorder.hurry()
+    await asyncio.wait_for(written, 10)
     run = await store.runs.get("gen-1")
     assert run is not None and run["status"] == "ok"
     assert sum(r.cost_nano or 0 for r in await store.ledger.rows("gen-1")) == to_nano(

@@ -127,6 +127,7 @@ async def test_concurrent_requests_never_overrun_a_budget(serve: Serve, holds: s
             assert "openfusion keys budget" in error["message"]
             assert set(error["metadata"]) == {"limit", "spent"}
             assert error["metadata"]["limit"] == 0.05
+    await server.written(key)
     async with SpendLedger(settings.database) as ledger:
         status = await ledger.budget(key_id(settings))
     assert status.spent_nano == 7 * RUN_NANO <= to_nano(0.05)
@@ -152,6 +153,7 @@ async def test_ledger_rows_sum_exactly_to_the_reported_cost(serve: Serve, stream
         usage = json.loads(text)["usage"]
     generation_id = headers["x-generation-id"]
 
+    await server.written(key)
     async with SpendLedger(settings.database) as ledger:
         rows = await ledger.rows(generation_id)
         budget = await ledger.budget(key_id(settings))
@@ -174,11 +176,14 @@ async def test_the_default_reservation_is_capped_to_what_is_left(serve: Serve) -
     server = serve(settings, registry)
     async with aiohttp.ClientSession() as session:
         first = await post(session, server, key, fusion())
+        await server.written(key)  # until then, the first request's reservation holds
         second = await post(session, server, key, fusion())
+        await server.written(key)
         assert (first[0], second[0]) == (200, 200)
         # $0.00001 is left: the request runs with that as its max_cost, and no call fits.
         third = await post(session, server, key, fusion())
     assert third[0] != 200
+    await server.written(key)
     async with SpendLedger(settings.database) as ledger:
         status = await ledger.budget(key_id(settings))
     assert status.spent_nano == 2 * RUN_NANO and status.reserved_nano == 0
@@ -268,5 +273,6 @@ async def test_keys_without_budget_are_not_limited(serve: Serve) -> None:
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(post(session, server, key, fusion()) for _ in range(3)))
     assert [status for status, _, _ in results] == [200, 200, 200]
+    await server.written(key)
     async with SpendLedger(settings.database) as ledger:
         assert await ledger.spent(key_id(settings)) == 3 * RUN_NANO

@@ -160,7 +160,7 @@ class Server:
             budgets=shared.budgets,
             after=self.settled,
         )
-        self.runs = RunsAPI(store.runs)
+        self.runs = RunsAPI(store.runs, self.metering.written)
 
     async def chat(self, request: Request) -> Response:
         body = _validated(ChatCompletionRequest, await self._read_body(request))
@@ -251,8 +251,8 @@ class Server:
         raise error
 
     async def settled(self, run: MeteredRun) -> None:
-        """After a request's run and spend are recorded: its metrics, its trace, its tokens
-        against the key's per-minute limit."""
+        """When a request's run has ended (before its answer does; the record is written
+        after): its metrics, its trace, its tokens against the key's per-minute limit."""
         self.metrics.in_flight.dec()
         if run.log is None:
             return

@@ -11,12 +11,17 @@ without keys (loopback only) shows every run.
 in the question). ``GET /v1/fusion/runs/{id}`` — the whole run (``store/run_views.py``), also
 while it runs: poll it to follow one live, sending its last ``ETag`` back in ``If-None-Match``
 (a run that has not changed answers ``304 Not Modified``, without a body).
+
+A run's end and spend are written just after its answer (``server/spend.py``): each read first
+waits for what this process still has to write, so a client reading the run it was just
+answered finds it whole, on this replica (another replica sees it within the flush interval).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -31,8 +36,15 @@ MAX_LIMIT = 200
 
 
 class RunsAPI:
-    def __init__(self, runs: RunStore) -> None:
+    def __init__(
+        self, runs: RunStore, written: Callable[[str | None], Awaitable[None]] | None = None
+    ) -> None:
         self.runs = runs
+        self._written = written
+
+    async def _pending(self, run_id: str | None) -> None:
+        if self._written is not None:
+            await self._written(run_id)
 
     async def list(self, request: Request) -> dict[str, Any]:
         params = request.query_params
@@ -57,6 +69,7 @@ class RunsAPI:
                 raise APIError(403, "key: only an admin key may list another key's runs")
             wanted = key.id
         query.key_id = wanted
+        await self._pending(None)
         try:
             page, cursor = await self.runs.page(query)
         except ValueError as exc:
@@ -65,6 +78,7 @@ class RunsAPI:
 
     async def get(self, request: Request) -> dict[str, Any]:
         run_id = request.path_params["run_id"]
+        await self._pending(run_id)
         await self._check(request, run_id, "run")
         found = await self.runs.get(run_id)
         if found is None:
@@ -75,6 +89,7 @@ class RunsAPI:
         generation_id = request.query_params.get("id", "")
         if not generation_id:
             raise APIError(400, "id: the query parameter is required, e.g. ?id=gen-...")
+        await self._pending(generation_id)
         await self._check(request, generation_id, "generation")
         found = await self.runs.generation(generation_id)
         if found is None:

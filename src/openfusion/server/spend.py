@@ -11,8 +11,13 @@
 
 ``settle`` ends the run's record and, in the same transaction, writes one spend row per inner
 call the run recorded (model calls, tool calls) and releases the reservation: the ledger always
-equals the sum of the recorded calls' costs, and a request's spend counts before its response
-ends. A request refused before it ran (a bad model id) has no run: its reservation is released.
+equals the sum of the recorded calls' costs. It is written off the request's path, in the
+recorder's next batch (measured: a transaction per request was two thirds of a pass-through
+request's added latency); until then the reservation keeps holding the request's budget, so
+no key spends past it meanwhile. What must count before the answer ends (metrics, the key's
+tokens per minute) is done in ``settle`` itself; a reader of this process (``written``) waits
+for the pending writes. A request refused before it ran (a bad model id) has no run: its
+reservation is released.
 """
 
 from __future__ import annotations
@@ -99,10 +104,9 @@ class MeteredRun:
         return RunEnd("cancelled", "".join(self._texts))
 
     async def settle(self) -> None:
-        """Record the run's end and its spend, and release the reservation — once (a second
-        call does nothing). Runs as a task of its own: it completes even when the request is
-        cancelled while waiting for it. A failure is logged (the reservation then lapses after
-        its time to live), never raised at the client."""
+        """End the run's record; its spend is written and the reservation released in a task
+        that outlives the request — once (a second call does nothing). A failure is logged (the
+        reservation then lapses after its time to live), never raised at the client."""
         if self._settled:
             return
         self._settled = True
@@ -114,8 +118,8 @@ class Metering:
 
     With ``budgets`` (Redis: ``openfusion.cluster.HotBudgets``) reservations are checked there
     and released there after the database has the run's spend; without, in the database.
-    ``after`` is awaited once per request when it has settled (metrics, traces, token counts),
-    whatever happened; its failure is logged."""
+    ``after`` is awaited once per request when its run has ended (metrics, traces, token
+    counts), whatever happened; its failure is logged."""
 
     def __init__(
         self,
@@ -131,7 +135,8 @@ class Metering:
         self.default_reservation = default_reservation
         self.budgets = budgets
         self.after = after
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: dict[str, asyncio.Task[None]] = {}
+        """Generation id -> its settlement, until written."""
 
     async def start(
         self, key_id: str | None, generation_id: str, max_cost: float | None
@@ -155,23 +160,39 @@ class Metering:
         return MeteredRun(self, key_id, generation_id, reservation)
 
     async def settle(self, run: MeteredRun) -> None:
-        task = asyncio.create_task(self._settle(run))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        await asyncio.shield(task)
+        """Hand the run's end and spend to the recorder (written in a task: ``written``), then
+        await ``after`` (shielded: a cancelled request still counts)."""
+        written = None
+        if run.log is not None:
+            entry = LedgerEntry(run.reservation.id if run.reservation else None, run.key_id)
+            written = self.recorder.settle(run.log, run.end(), entry)
+        task = asyncio.create_task(self._settle(run, written))
+        self._settling[run.generation_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(run.generation_id, None))
+        if self.after is not None:
+            await asyncio.shield(self._after(run))
 
-    async def _settle(self, run: MeteredRun) -> None:
+    async def written(self, generation_id: str | None = None) -> None:
+        """Wait until this process's settlement of ``generation_id`` (``None``: of every run)
+        is written, if one is pending: a client reading a run just answered finds it whole."""
+        if generation_id is None:
+            tasks = list(self._settling.values())
+        else:
+            tasks = [t for t in (self._settling.get(generation_id),) if t is not None]
+        if tasks:
+            self.recorder.hurry()
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+
+    async def _settle(self, run: MeteredRun, written: asyncio.Future[None] | None) -> None:
         reservation = run.reservation
-        reservation_id = reservation.id if reservation else None
         charged = 0
         try:
-            if run.log is not None:
-                entry = LedgerEntry(reservation_id, run.key_id)
-                await self.recorder.settle(run.log, run.end(), entry)
+            if written is not None and run.log is not None:
+                await written
                 rows = [SpendRow(c.stage, c.model, c.cost) for c in run.log.calls()]
                 charged = charge_of(rows, reservation.amount_nano if reservation else None)
-            elif reservation_id is not None:
-                await self.ledger.settle(reservation_id, run.generation_id, [])
+            elif reservation is not None:
+                await self.ledger.settle(reservation.id, run.generation_id, [])
         except Exception:
             log.exception("could not record the run and spend of %s", run.generation_id)
             if self.budgets is not None and reservation is not None:
@@ -179,14 +200,16 @@ class Metering:
         else:
             if self.budgets is not None and reservation is not None:
                 await self.budgets.release(reservation, charged)
-        finally:
-            if self.after is not None:
-                try:
-                    await self.after(run)
-                except Exception:
-                    log.exception("after settling %s", run.generation_id)
+
+    async def _after(self, run: MeteredRun) -> None:
+        assert self.after is not None
+        try:
+            await self.after(run)
+        except Exception:
+            log.exception("after settling %s", run.generation_id)
 
     async def drain(self) -> None:
         """Wait for the settlements still running (at shutdown, before the store closes)."""
         while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+            self.recorder.hurry()
+            await asyncio.gather(*self._settling.values(), return_exceptions=True)

@@ -11,9 +11,10 @@ reads as a consistent, earlier state of the run, and the next process marks it `
 Memory is bounded: the dirty set holds at most the runs in flight plus those waiting to be
 written, and past ``max_pending`` new runs are not recorded (logged). A write that fails is
 logged and retried with the next batch, ``MAX_ATTEMPTS`` times; nothing of it reaches the
-answer. ``settle`` is the one write a request waits for: the run's end and its spend-ledger rows
-(and the release of its budget reservation), in one transaction, so the ledger always equals
-the calls the run recorded.
+answer. ``settle`` hands over a run's end with its spend-ledger rows (and the release of its
+budget reservation), written in one transaction, so the ledger always equals the calls the run
+recorded; it is batched like every other change (``hurry`` writes the pending batch now, for a
+reader who wants a run just answered).
 
 No secret is written: request headers are never part of a run, and every string of a row goes
 through the deployment's ``Redactor`` (``openfusion.redact``): configured secrets (provider
@@ -108,7 +109,7 @@ class StoreRecorder:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
-        """Set when a request waits for a write (``settle``): the writer stops gathering."""
+        """Set when somebody waits for a write (``hurry``, closing): the writer stops gathering."""
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[bool] | None = None
@@ -152,21 +153,30 @@ class StoreRecorder:
             del self._runs[run.run_id]
             self._dirty.discard(run.run_id)
 
-    async def settle(self, run: RunLog, end: RunEnd, ledger: LedgerEntry | None = None) -> None:
-        """End the run and write it now, with its spend (``ledger``): its calls become spend
-        rows and its reservation is released, in the run's transaction. Raises if that fails.
+    def settle(
+        self, run: RunLog, end: RunEnd, ledger: LedgerEntry | None = None
+    ) -> asyncio.Future[None]:
+        """End the run now and hand it to the writer with its spend (``ledger``): its calls
+        become spend rows and its reservation is released, in the run's transaction of the next
+        batch. The future is done when that is committed, failed if it cannot be.
 
-        The end and the spend are handed over together, before anything is awaited, so the
-        writer never writes the end without the spend."""
+        The end and the spend are handed over together, so the writer never writes the end
+        without the spend."""
+        settled = asyncio.get_running_loop().create_future()
         tracked = self._runs.get(run.run_id)
-        if tracked is None:
-            raise RuntimeError(f"run {run.run_id} is not being recorded (see the log)")
-        tracked.ledger = ledger
-        settled = tracked.settled = asyncio.get_running_loop().create_future()
-        self._urgent.set()
         run.finish(end)
+        if tracked is None:
+            why = f"run {run.run_id} is not being recorded (see the log)"
+            settled.set_exception(RuntimeError(why))
+            return settled
+        tracked.ledger = ledger
+        tracked.settled = settled
         self._changed(run)
-        await asyncio.shield(settled)
+        return settled
+
+    def hurry(self) -> None:
+        """Write what is pending now instead of at the end of the flush interval."""
+        self._urgent.set()
 
     async def start(self) -> None:
         """Register this process and recover the runs of dead ones; then the writer runs."""
