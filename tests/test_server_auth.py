@@ -8,9 +8,10 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
+import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from server_fixtures import RunningServer
 
 from openfusion.cli import main
 from openfusion.errors import ConfigError
-from openfusion.server.auth import BearerAuth, check_bind, insecure_warning, is_loopback
+from openfusion.server.auth import BearerAuth, KeyGate, check_bind, insecure_warning, is_loopback
 from openfusion.settings import Settings
 from openfusion.store import Database, KeyStore
 
@@ -341,6 +342,37 @@ async def test_requests_that_arrive_together_share_one_key_read(store: KeyStore)
     calls[0].cancel()  # a client gone does not cancel the read the others wait for
     gated.gate.set()
     assert [(await c)[0] for c in calls[1:]] == [200] * 4 and gated.reads == 3
+
+
+async def test_a_key_read_is_reused_for_the_ttl_and_an_unknown_token_never_is(
+    store: KeyStore,
+) -> None:
+    gated = Gated(store)
+    gated.gate.set()
+    app = BearerAuth(Inner(), KeyGate(gated, ttl=0.5))  # type: ignore[arg-type]
+    assert [(await call(app))[0] for _ in range(3)] == [200] * 3
+    assert gated.reads == 1  # "no keys" is kept too
+    _, key = await KeyStore(store.db).create("laptop")  # `openfusion keys create` meanwhile
+    assert await seconds_until(401, lambda: call(app)) < 0.5 + 0.5  # the kept "no keys" lapsed
+    assert gated.reads == 2
+    assert [(await call(app, auth=f"Bearer {key}"))[0] for _ in range(3)] == [200] * 3
+    assert gated.reads == 3  # the key's one read (auth stays on: no more "any key?" reads)
+    assert [(await call(app, auth="Bearer ofk-nope"))[0] for _ in range(2)] == [401] * 2
+    assert gated.reads == 5  # an unknown token is read each time
+    await KeyStore(store.db).revoke("laptop")
+    assert await seconds_until(401, lambda: call(app, auth=f"Bearer {key}")) < 0.5 + 0.5
+
+
+async def seconds_until(
+    status: int, request: Callable[[], Awaitable[tuple[int, Any, Any]]]
+) -> float:
+    """Seconds until ``request()`` answers ``status`` (asked every 20 ms, for at most 5 s)."""
+    started = time.monotonic()
+    for _ in range(250):
+        if (await request())[0] == status:
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    pytest.fail(f"no {status} within 5 s")
 
 
 async def test_revoking_every_key_locks_instead_of_opening(store: KeyStore) -> None:

@@ -149,6 +149,9 @@ class ServerSettings(BaseModel):
     """Requests one worker serves at once; past it a request gets 503 with ``Retry-After``
     (an overloaded event loop would otherwise slow every request, and fire timeouts). 0: no
     cap."""
+    key_cache_seconds: float = Field(1.0, ge=0)
+    """How long a read of the API keys is reused: a key created, revoked or changed by
+    ``openfusion keys`` counts within this. 0: every request reads them."""
 
 
 class BudgetSettings(BaseModel):

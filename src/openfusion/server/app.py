@@ -605,7 +605,7 @@ def create_app(
     if telemetry is None and settings.otlp_endpoint:
         telemetry = Telemetry.otlp(settings.otlp_endpoint)
     server = Server(settings, registry, store, recorder, tools, shared=shared, telemetry=telemetry)
-    gate = KeyGate(store.keys)
+    gate = KeyGate(store.keys, ttl=settings.server.key_cache_seconds)
     viewer = TraceViewer(gate, store.sessions, server.runs)
 
     @asynccontextmanager
