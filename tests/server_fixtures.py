@@ -191,7 +191,9 @@ class RunningServer:
         return [r for r in self.inbound if r.path == "/v1/chat/completions"]
 
     def request_tasks(self) -> list[str]:
-        """The tasks running in the server's loop other than uvicorn's own serving task."""
+        """The tasks running in the server's loop other than uvicorn's own serving task. Compare
+        as sets (``<=`` a snapshot taken idle): a connection the store closes after startup
+        can be among the snapshot's tasks and gone later."""
         assert self.loop is not None
 
         async def snapshot() -> list[str]:

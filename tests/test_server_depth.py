@@ -134,7 +134,9 @@ async def test_closing_a_stream_cancels_the_run(serve: Serve) -> None:
             assert server.request_tasks() != idle  # the run is in flight
             resp.close()  # drops the connection
         await eventually(lambda: up.disconnects == 1, "the upstream call was cancelled")
-        await eventually(lambda: server.request_tasks() == idle, "the server's tasks ended")
+        await eventually(
+            lambda: set(server.request_tasks()) <= set(idle), "the server's tasks ended"
+        )
     assert "judge" not in demo.models_called()
 
 
@@ -159,7 +161,9 @@ async def test_cancelling_a_request_cancels_the_run(serve: Serve) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await request
         await eventually(lambda: up.disconnects == 1, "the upstream call was cancelled")
-        await eventually(lambda: server.request_tasks() == idle, "the server's tasks ended")
+        await eventually(
+            lambda: set(server.request_tasks()) <= set(idle), "the server's tasks ended"
+        )
         # The server noticed the disconnect (499: client closed request), not a timeout.
         assert [r.status for r in server.completions()] == [499]
     assert "judge" not in demo.models_called()
@@ -179,4 +183,6 @@ async def test_client_timeout_cancels_the_run(serve: Serve) -> None:
                     await resp.read()
         assert len(up.requests) == 1
         await eventually(lambda: up.disconnects == 1, "the upstream call was cancelled")
-        await eventually(lambda: server.request_tasks() == idle, "the server's tasks ended")
+        await eventually(
+            lambda: set(server.request_tasks()) <= set(idle), "the server's tasks ended"
+        )
