@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import ANALYSIS, POSTGRES_URL, eventually, new_postgres_schema
+from helpers import ANALYSIS, POSTGRES_URL, new_postgres_schema
 from pydantic import Field
 from sqlalchemy import func, select, update
 
@@ -308,8 +308,12 @@ async def record_in_flight(
         log.started + 0.1,
     )
     log.event(ModelCallEvent("panel", 0, call))
-    await eventually(lambda: run_id not in recorder._dirty, "the run was written", 5)
-    await asyncio.sleep(0.05)
+    for _ in range(500):  # committed (start and call are in one batch), not just taken
+        if await store.runs.get(run_id) is not None:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the run was not written in 5 s")
     for task in recorder._tasks:
         task.cancel()
     await asyncio.gather(*recorder._tasks, return_exceptions=True)
