@@ -39,6 +39,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, suppress
@@ -47,6 +48,7 @@ from typing import Any
 
 from openfusion.errors import ConfigError, ProviderError, UpstreamError
 from openfusion.prompts import PromptSet
+from openfusion.providers import local_batch
 from openfusion.providers.base import HONOURS_ALL, collect
 from openfusion.settings import ProviderConfig, Settings
 from openfusion.types import Chunk, Completion, CompletionRequest, ToolCall, ToolSpec, Usage
@@ -64,6 +66,11 @@ SCORED_TOKENS = 6
 of a long one its start (each token scored costs a row of logits over 262k words)."""
 BANNED = -100.0
 """Logit bias that keeps a token from being sampled."""
+SEQUENCES = 8
+"""Answers one context decodes together (llama.cpp's ``n_seq_max``): a full panel."""
+GATHER_SECONDS = 0.01
+"""How long a short-answer request waits for others with the same prompt (a panel's members
+arrive within a millisecond or two of each other); none once the last arrival is this old."""
 _LONG = re.compile(
     r"^\s*(why\b|how (does|do|did|can|could|would|should|is|are|was|were)\b|explain|describe|"
     r"compare|discuss|summari[sz]e|write|list\b|outline|what are the (differences|advantages|"
@@ -151,11 +158,17 @@ class LocalProvider:
         *,
         threads: int | None = None,
         n_ctx: int = 4096,
+        sequences: int = SEQUENCES,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
         self._models = models
         self._prompts = prompts
         self._threads = threads or default_threads()
         self._n_ctx = n_ctx
+        self._sequences = max(1, sequences)
+        self._gather_seconds = gather_seconds
+        self._gathering = threading.Condition()
+        self._waiting: dict[tuple[str, str], list[_Job]] = {}  # guarded by _gathering
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfusion-local")
         self._loaded: dict[
             str, Any
@@ -197,15 +210,13 @@ class LocalProvider:
             with suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
-            try:
-                self._generate(request, stop, put)
-            except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
-                put(exc)
-            finally:
-                put(None)
-
-        loop.run_in_executor(self._executor, work)
+        key = self._batch_key(request)
+        job = _Job(request, stop, put, arrived=time.monotonic())
+        if key is not None:
+            with self._gathering:
+                self._waiting.setdefault(key, []).append(job)
+                self._gathering.notify_all()
+        loop.run_in_executor(self._executor, self._work, job, key)
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
@@ -216,8 +227,122 @@ class LocalProvider:
         finally:
             stop.set()
 
+    def _batch_key(self, request: CompletionRequest) -> tuple[str, str] | None:
+        """What requests must share to be decoded together — their model and rendered prompt
+        — or ``None`` for one decoded alone: tools, JSON, penalties or a long answer."""
+        if self._sequences < 2 or _offers_tools(request) or request.json_schema:
+            return None
+        if _response_schema(request.response_format) is not None:
+            return None
+        if request.frequency_penalty or request.presence_penalty:
+            return None
+        prompt, style = self._prompt(request, ())
+        return (request.model, prompt) if style == "short" else None
+
+    def _work(self, job: _Job, key: tuple[str, str] | None) -> None:
+        """The worker's turn for ``job``: alone, or with the requests it gathered (nothing,
+        when an earlier request's turn took it along)."""
+        jobs = [job] if key is None else self._gather(job, key)
+        if len(jobs) > 1:
+            assert key is not None
+            self._generate_together(jobs, key[1])
+            return
+        for alone in jobs:
+            try:
+                self._generate(alone.request, alone.stop, alone.put)
+            except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
+                alone.put(exc)
+            finally:
+                alone.put(None)
+
+    def _gather(self, job: _Job, key: tuple[str, str]) -> list[_Job]:
+        """``job`` and the requests for the same prompt that arrive until none has for
+        ``gather_seconds`` (those that came while the worker was busy are there already),
+        at most ``sequences`` of them; ``[]`` if ``job`` was taken by an earlier turn."""
+        with self._gathering:
+            if job.taken:
+                return []
+            while len(group := self._waiting[key]) < self._sequences:
+                left = group[-1].arrived + self._gather_seconds - time.monotonic()
+                if left <= 0:
+                    break
+                self._gathering.wait(left)
+            taken, rest = group[: self._sequences], group[self._sequences :]
+            if rest:
+                self._waiting[key] = rest
+            else:
+                del self._waiting[key]
+            for each in taken:
+                each.taken = True
+            return taken
+
+    def _generate_together(self, jobs: Sequence[_Job], prompt: str) -> None:
+        """Short answers of ``jobs`` (one model, one prompt) decoded as sequences of one
+        batch (``local_batch``); each is then checked and sent as ``_generate`` would. An
+        answer that copied an example is written again alone, its first token banned."""
+        try:
+            llm = self._load(jobs[0].request.model)
+            tokens = local_batch.prompt_tokens(llm, prompt)
+            answers = [self._answer(job) for job in jobs]
+            room = len(tokens) + sum(a.max_tokens for a in answers) <= self._n_ctx
+            if room:
+                started = time.monotonic()
+                local_batch.decode_together(llm, tokens, answers)
+                _log.debug(
+                    "%d answers decoded together in %.2f s (%s tokens)",
+                    len(answers),
+                    time.monotonic() - started,
+                    "/".join(str(len(a.tokens)) for a in answers),
+                )
+        except BaseException as exc:
+            for job in jobs:
+                job.put(exc)
+                job.put(None)
+            return
+        prompt_tokens = len(llm.tokenize(prompt.encode("utf-8")))  # counted as _generate does
+        copies = _unrelated_answers(prompt)
+        for job, answer in zip(jobs, answers, strict=True):
+            try:
+                written = answer.text.strip()
+                if not room:  # too long to decode together: each alone (and told why)
+                    self._generate(job.request, job.stop, job.put)
+                elif answer.finish != "cancelled" and _same(written) in copies:
+                    first = llm.tokenize((" " + written).encode("utf-8"), add_bos=False)[:1]
+                    banned = {token: BANNED for token in first}
+                    self._generate(job.request, job.stop, job.put, bias=banned, attempts=2)
+                else:
+                    if answer.text:
+                        job.put(Chunk(delta=answer.text))
+                    text = answer.text.encode("utf-8")
+                    completion_tokens = len(llm.tokenize(text, add_bos=False)) if text else 0
+                    usage = Usage(
+                        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=0.0
+                    )
+                    job.put(Chunk(usage=usage, finish_reason=answer.finish))
+            except BaseException as exc:
+                job.put(exc)
+            finally:
+                job.put(None)
+
+    @staticmethod
+    def _answer(job: _Job) -> local_batch.Answer:
+        request = job.request
+        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        return local_batch.Answer(
+            sampler=local_batch.Sampler(temperature, request.top_p, request.seed),
+            max_tokens=min(request.max_tokens or DEFAULT_MAX_TOKENS, SHORT_MAX_TOKENS),
+            stop=(*STOP, *request.stop),
+            cancelled=job.stop,
+        )
+
     def _generate(
-        self, request: CompletionRequest, stop: threading.Event, put: Callable[[Chunk], None]
+        self,
+        request: CompletionRequest,
+        stop: threading.Event,
+        put: Callable[[Chunk], None],
+        *,
+        bias: dict[int, float] | None = None,
+        attempts: int = 3,
     ) -> None:
         llm = self._load(request.model)
         tools = request.tools if _offers_tools(request) else ()
@@ -263,8 +388,8 @@ class LocalProvider:
         text: list[str] = []
         finish: str | None = "stop"
         copies = _unrelated_answers(prompt)
-        bias: dict[int, float] = {}
-        for _attempt in range(3):
+        bias = dict(bias or {})
+        for _attempt in range(attempts):
             text, finish = [], "stop"
             for part in llm.create_completion(prompt, logit_bias=bias or None, **kwargs):
                 if stop.is_set():
@@ -338,12 +463,12 @@ class LocalProvider:
                 raise ConfigError(_EXTRA_HINT) from exc
             _route_llama_logs()
             path = self._models[model]()
-            self._loaded[model] = Llama(
-                model_path=str(path),
-                n_ctx=self._n_ctx,
-                n_threads=self._threads,
-                verbose=False,
+            llm = Llama(
+                model_path=str(path), n_ctx=self._n_ctx, n_threads=self._threads, verbose=False
             )
+            if self._sequences > 1:
+                local_batch.enable_sequences(llm, self._sequences + 1)  # + the prompt's
+            self._loaded[model] = llm
         return self._loaded[model]
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
@@ -362,6 +487,17 @@ class LocalProvider:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, unload)
         self._executor.shutdown(wait=False)
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """A request waiting for the worker: where its chunks go, and whether a batch took it."""
+
+    request: CompletionRequest
+    stop: threading.Event
+    put: Callable[[Chunk | BaseException | None], None]
+    arrived: float
+    taken: bool = False
 
 
 def _unrelated_answers(prompt: str) -> set[str]:
@@ -516,6 +652,7 @@ def _route_llama_logs() -> Any:
 
 
 _llama_log = logging.getLogger("openfusion.llama")
+_log = logging.getLogger(__name__)
 
 
 def create(name: str, config: ProviderConfig, settings: Settings) -> LocalProvider:
@@ -528,6 +665,8 @@ def create(name: str, config: ProviderConfig, settings: Settings) -> LocalProvid
             PromptSet(settings.prompt_dirs),
             threads=config.options.get("threads"),
             n_ctx=int(config.options.get("n_ctx", 4096)),
+            sequences=int(config.options.get("sequences", SEQUENCES)),
+            gather_seconds=float(config.options.get("gather_ms", GATHER_SECONDS * 1000)) / 1000,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"provider {name!r}: bad options: {exc}") from exc
