@@ -66,8 +66,9 @@ SCORED_TOKENS = 6
 of a long one its start (each token scored costs a row of logits over 262k words)."""
 BANNED = -100.0
 """Logit bias that keeps a token from being sampled."""
-SEQUENCES = 8
-"""Answers one context decodes together (llama.cpp's ``n_seq_max``): a full panel."""
+SEQUENCES = 3
+"""Answers one context decodes together (the local preset's panel); each holds a KV buffer
+of ``n_ctx`` cells (about 75 MB for Gemma 3 270M at 4096), so more cost memory."""
 GATHER_SECONDS = 0.01
 """How long a short-answer request waits for others with the same prompt (a panel's members
 arrive within a millisecond or two of each other); none once the last arrival is this old."""
@@ -284,7 +285,7 @@ class LocalProvider:
             llm = self._load(jobs[0].request.model)
             tokens = local_batch.prompt_tokens(llm, prompt)
             answers = [self._answer(job) for job in jobs]
-            room = len(tokens) + sum(a.max_tokens for a in answers) <= self._n_ctx
+            room = len(tokens) + max(a.max_tokens for a in answers) <= self._n_ctx
             if room:
                 started = time.monotonic()
                 local_batch.decode_together(llm, tokens, answers)

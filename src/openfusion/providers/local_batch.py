@@ -7,11 +7,18 @@ more than over 1 on a small model), so the panel takes about as long as its long
 
 How (:func:`decode_together`): the prompt is evaluated once as sequence 0, where llama.cpp's
 prompt cache (``Llama.generate``) and the judge's scoring (``_mean_logprob``) expect it; each
-answer is a sequence of its own (1, 2, ...) that shares the prompt's KV cells (``seq_cp``
-copies cell metadata only: the context's KV cache is *unified*, one buffer for every
-sequence, see :func:`enable_sequences`). Each step sends one token per live sequence in one
+answer is a sequence of its own (1, 2, ...) that starts from a copy of the prompt's KV cells
+(``llama_memory_seq_cp``). Each step sends one token per live sequence in one
 ``llama_batch`` and samples each from its own logits row. When all are done their cells are
 removed, and sequence 0 holds exactly the prompt again.
+
+Each sequence has a KV buffer of its own (llama.cpp's non-unified cache, one *stream* per
+sequence, see :func:`enable_sequences`), so an answer's cells lie exactly where they would
+if it were decoded alone. That is what keeps a greedy answer the same token for token: with
+one shared buffer the answers' cells interleave, the attention sums add the same terms in
+another order, and the logits move by up to ~0.5 — enough to flip a near-tie (measured on
+held-out TriviaQA: the greedy member's answer changed on 4 of the first ~100 questions).
+The price is memory: ``n_ctx`` cells for every sequence.
 
 Sampling (:class:`Sampler`) is numpy over the logits row, with the steps and defaults of
 llama-cpp-python's chain for ``create_completion`` (top-k 40, top-p, min-p 0.05, then the
@@ -89,15 +96,16 @@ class Answer:
 
 def enable_sequences(llm: Any, n_seq_max: int) -> None:
     """Give ``llm`` a context that holds ``n_seq_max`` sequences (ids ``0 .. n_seq_max - 1``:
-    the prompt's and ``n_seq_max - 1`` answers) in one unified KV cache
-    (``Llama(...)`` has no argument for it: the context it made is replaced, before first
-    use). Unified, every sequence may use any cell, so copying the prompt to another sequence
-    costs no memory and no compute, and a lone sequence still has all ``n_ctx`` cells."""
+    the prompt's and ``n_seq_max - 1`` answers), each in a KV buffer of the ``n_ctx`` cells
+    ``llm`` was made with (``Llama(...)`` has no argument for it: the context it made is
+    replaced, before first use). Sequence 0 — everything but the batches — sees the same
+    context as before."""
     from llama_cpp import _internals
 
     params = llm.context_params
     params.n_seq_max = n_seq_max
-    params.kv_unified = True
+    params.kv_unified = False  # a buffer per sequence: see the module's docstring
+    params.n_ctx = llm._n_ctx * n_seq_max  # llama.cpp splits n_ctx between the sequences
     old = llm._ctx
     llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
     old.close()  # the new context is freed with the model (LlamaContext registers it there)
