@@ -8,13 +8,19 @@ question not yet in llama.cpp's prompt cache (the few-shot prefix is, for both).
 (issue 10): the fused median at most 5x the single one. Also printed: the fused runs' median
 seconds per stage and tokens per second.
 
-    python benchmarks/local_speed.py [--rounds 2] [--temperature 0]
+The local provider decodes the panel's answers to one prompt together (one llama.cpp batch,
+one sequence each). ``--one-at-a-time`` adds the fused preset on a second copy of the model
+that decodes them one after the other (``options.sequences = 1``, as before batching), asked
+in turn with the others, so the two are compared under the same load.
+
+    python benchmarks/local_speed.py [--rounds 2] [--temperature 0] [--one-at-a-time]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 import time
 
@@ -42,7 +48,7 @@ FLUSH = "Name a colour of the rainbow."
 so without it the second config would find the question already evaluated."""
 
 
-async def measure(rounds: int, temperature: float | None) -> None:
+async def measure(rounds: int, temperature: float | None, one_at_a_time: bool) -> None:
     settings = Settings.load()
     registry = ProviderRegistry(settings)  # one registry: both configs share the loaded model
     caller = Caller.from_settings(registry, settings)
@@ -51,8 +57,23 @@ async def measure(rounds: int, temperature: float | None) -> None:
     preset = load_preset("local", settings)
     fusion = Fusion(preset, settings=settings, caller=caller, recorder=None)
     await single.answer("What is the capital of France?", None)  # load the model once
-    times: dict[str, list[float]] = {"single": [], "fused": []}
-    stages: dict[str, list[float]] = {}
+    configs = [("single", "local/gemma-3-270m"), ("fused", "openfusion/local")]
+    registries = [registry]
+    sequential: Fusion | None = None
+    flush_sequential: Answerer | None = None
+    if one_at_a_time:
+        local = dataclasses.replace(settings.providers["local"], options={"sequences": 1})
+        alone = dataclasses.replace(settings, providers={**settings.providers, "local": local})
+        registries.append(ProviderRegistry(alone))
+        caller_alone = Caller.from_settings(registries[-1], alone)
+        sequential = Fusion(preset, settings=alone, caller=caller_alone, recorder=None)
+        config = parse_config("local/gemma-3-270m", alone)
+        flush_sequential = Answerer(config, alone, caller_alone, None)
+        flush_sequential.temperature = temperature
+        await flush_sequential.answer("What is the capital of France?", None)
+        configs.append(("sequential", "local, one at a time"))
+    times: dict[str, list[float]] = {name: [] for name, _ in configs}
+    stages: dict[str, dict[str, list[float]]] = {"fused": {}, "sequential": {}}
     rates: list[float] = []
     for _ in range(rounds):
         for question in QUESTIONS:
@@ -65,21 +86,33 @@ async def measure(rounds: int, temperature: float | None) -> None:
             result = await fusion.run(question, temperature=temperature)
             times["fused"].append(time.monotonic() - started)
             for stage, seconds in result.timings.items():
-                stages.setdefault(stage, []).append(seconds)
+                stages["fused"].setdefault(stage, []).append(seconds)
             if result.tokens_per_second:
                 rates.append(result.tokens_per_second)
+            if sequential is not None and flush_sequential is not None:
+                await flush_sequential.answer(FLUSH, None)
+                started = time.monotonic()
+                other = await sequential.run(question, temperature=temperature)
+                times["sequential"].append(time.monotonic() - started)
+                for stage, seconds in other.timings.items():
+                    stages["sequential"].setdefault(stage, []).append(seconds)
             print(f"  {question:48} single: {answer.content[:28]:30} fused: {result.content[:40]}")
-    await registry.aclose()
+    for each in registries:
+        await each.aclose()
     print()
     print(f"{'config':24} {'n':>3} {'median s':>9} {'p90 s':>7}")
-    for name, label in (("single", "local/gemma-3-270m"), ("fused", "openfusion/local")):
+    for name, label in configs:
         values = sorted(times[name])
         p90 = values[min(len(values) - 1, int(0.9 * len(values)))]
         print(f"{label:24} {len(values):>3} {statistics.median(values):>9.2f} {p90:>7.2f}")
     ratio = statistics.median(times["fused"]) / statistics.median(times["single"])
     print(f"\nfused / single median: {ratio:.1f}x (goal <= 5x)")
-    per_stage = ", ".join(f"{s} {statistics.median(v):.2f}" for s, v in stages.items())
-    print(f"fused median seconds per stage: {per_stage}")
+    for name, label in (("fused", "fused"), ("sequential", "one at a time")):
+        if stages[name]:
+            per_stage = ", ".join(
+                f"{s} {statistics.median(v):.2f}" for s, v in stages[name].items()
+            )
+            print(f"{label} median seconds per stage: {per_stage}")
     if rates:
         rate = statistics.median(rates)
         print(f"fused tokens/s (generated, over the model stages; median): {rate:.1f}")
@@ -91,8 +124,13 @@ def main() -> None:
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="sent with each question (as eval clients)"
     )
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="also time the fused preset with the panel decoded one answer after another",
+    )
     args = parser.parse_args()
-    asyncio.run(measure(args.rounds, args.temperature))
+    asyncio.run(measure(args.rounds, args.temperature, args.one_at_a_time))
 
 
 if __name__ == "__main__":
