@@ -19,6 +19,19 @@ the answer, so the engine's tool loop works with it unchanged.
 Generation runs in one worker thread, so the event loop never blocks; concurrent calls queue
 (one model, one context). Closing a stream stops generation at the next token.
 
+A panel of copies of one model sends the same prompt several times at once. Short-answer
+requests (no tools, no JSON, no penalties) for the same model and rendered prompt that meet
+— arriving within ``GATHER_SECONDS`` of each other, or while the worker is busy — are decoded
+together, up to ``options.sequences`` (3) of them: the prompt is evaluated once and each
+answer is one sequence of a llama.cpp batch, so the panel's answers cost about one answer's
+time (``local_batch``). Each keeps its own temperature, seed, top_p, stops, max_tokens,
+finish reason, usage and cancellation; a greedy answer is the one the request would get
+alone, token for token; sampled ones are drawn by numpy from a generator seeded with the
+request's seed (same seed, same answer; not the same draw as llama.cpp's sampler would make).
+A lone request, a long answer, tools or a schema take the one-at-a-time path unchanged.
+``options.sequences = 1`` turns batching off (each sequence costs a KV buffer of ``n_ctx``
+cells).
+
 Other GGUF files can be served too::
 
     [providers.local]
@@ -26,6 +39,8 @@ Other GGUF files can be served too::
     options.models = { "my-model" = "/path/to/model.gguf" }
     options.threads = 2
     options.n_ctx = 4096
+    options.sequences = 3     # answers decoded together (1: one at a time)
+    options.gather_ms = 10    # how long a short-answer request waits for company
 """
 
 from __future__ import annotations
