@@ -62,7 +62,8 @@ async def measure(rounds: int, temperature: float | None, one_at_a_time: bool) -
     sequential: Fusion | None = None
     flush_sequential: Answerer | None = None
     if one_at_a_time:
-        local = dataclasses.replace(settings.providers["local"], options={"sequences": 1})
+        local = settings.providers["local"]
+        local = local.model_copy(update={"options": {**local.options, "sequences": 1}})
         alone = dataclasses.replace(settings, providers={**settings.providers, "local": local})
         registries.append(ProviderRegistry(alone))
         caller_alone = Caller.from_settings(registries[-1], alone)
