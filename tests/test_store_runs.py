@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 
 from openfusion import Fusion, PanelSlot, Preset, Settings
 from openfusion.cli import main
-from openfusion.engine.trace import CallRecord, ModelCallEvent, RunEnd, RunStart
+from openfusion.engine.trace import CallRecord, FusionPlan, ModelCallEvent, RunEnd, RunStart
 from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.store import Database, RunFilter, SpendRow, Store, to_nano
@@ -356,6 +356,28 @@ async def test_only_dead_processes_runs_become_unfinished(store: Store) -> None:
         await conn.execute(update(instances).values(pid=os.getpid()))
     assert await store.runs.sweep(me, lease=60) == 1
     assert (await store.runs.get("living-run") or {})["status"] == "unfinished"
+
+
+async def test_a_run_written_before_its_plan_gets_its_members_later(store: Store) -> None:
+    """A write can come between a request's start and its plan (a reader hurried the writer):
+    the plan's members and options still reach the stored request."""
+    recorder = StoreRecorder(store, source="server", flush_interval=60)
+    await recorder.start()
+    log = recorder.start_run(RunStart("gen-early", "call", (Message("user", QUESTION),)))
+    recorder.hurry()
+    for _ in range(500):
+        if await store.runs.get("gen-early") is not None:
+            break
+        await asyncio.sleep(0.01)
+    log.kind = "fusion"
+    log.event(FusionPlan("demo", "demo/judge", ((0, "a", "demo/a"), (1, "b", "demo/b"))))
+    written = recorder.settle(log, RunEnd("ok", "x"))
+    recorder.hurry()
+    await asyncio.wait_for(written, 10)
+    run = await store.runs.get("gen-early")
+    assert run is not None and run["kind"] == "fusion" and run["preset"] == "demo"
+    assert [m["model"] for m in run["members"]] == ["demo/a", "demo/b"]
+    await recorder.aclose()
 
 
 async def test_settle_writes_the_end_and_the_spend_in_one_go(store: Store) -> None:

@@ -76,6 +76,15 @@ class Redactor:
 
     def value(self, value: Any) -> Any:
         """``value`` with every string inside it (dicts, lists, tuples) redacted."""
+        kind = type(value)  # exact types first: an ABC check costs more than the rest here
+        if kind is str:
+            return self(value)
+        if kind is int or kind is float or kind is bool or value is None:
+            return value
+        if kind is dict:
+            return {k: self.value(v) for k, v in value.items()}
+        if kind is list or kind is tuple:
+            return [self.value(v) for v in value]
         if isinstance(value, str):
             return self(value)
         if isinstance(value, Mapping):

@@ -394,8 +394,9 @@ class SpendLedger:
                 key_id, held = found.key_id, found.amount_nano
                 await conn.execute(delete(reservations).where(reservations.c.id == reservation_id))
         for row in rows:
-            cost = None if row.cost is None else to_nano(row.cost)
-            values.append(_spend_values(key_id, generation_id, row.stage, row.model, cost, now))
+            values.append(
+                _spend_values(key_id, generation_id, row.stage, row.model, _nano(row.cost), now)
+            )
         priced = sum(v["cost_nano"] for v in values if v["cost_nano"] is not None)
         if held is not None and priced > held:
             await conn.execute(
@@ -409,6 +410,21 @@ class SpendLedger:
                     key_id, generation_id, UNPRICED_RESERVE, None, max(held - priced, 0), now
                 )
             )
+        if values:
+            await conn.execute(insert(spend), values)
+
+    async def record_in(
+        self, conn: AsyncConnection, runs: Sequence[tuple[str | None, str, Sequence[SpendRow]]]
+    ) -> None:
+        """The spend of several runs that held no reservation — ``(key_id, generation_id,
+        rows)`` each — in one statement, inside the caller's writing transaction (``settle_in``
+        for each would be one statement per run)."""
+        now = self._now()
+        values = [
+            _spend_values(key_id, generation_id, row.stage, row.model, _nano(row.cost), now)
+            for key_id, generation_id, rows in runs
+            for row in rows
+        ]
         if values:
             await conn.execute(insert(spend), values)
 
@@ -458,6 +474,10 @@ class SpendLedger:
         )
         row = (await conn.execute(select(spent, reserved))).one()
         return int(row[0]), int(row[1])
+
+
+def _nano(cost: float | None) -> int | None:
+    return None if cost is None else to_nano(cost)
 
 
 def _key_is(key_id: str | None) -> Any:

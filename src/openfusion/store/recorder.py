@@ -72,7 +72,8 @@ class _Tracked:
     log: RunLog
     inserted: bool = False
     span_versions: dict[int, int] = field(default_factory=dict)
-    request_written: bool = False
+    request_written: tuple[Any, ...] | None = None
+    """What the written ``request`` column held (``_request_key``): rewritten when it changed."""
     ledger: LedgerEntry | None = None
     settled: asyncio.Future[None] | None = None
     failures: int = 0
@@ -310,7 +311,8 @@ class StoreRecorder:
         asyncio.get_running_loop().call_later(RETRY_AFTER, self._wake.set)
 
     def _written(self, tracked: _Tracked, snapshot: _Snapshot) -> None:
-        tracked.inserted = tracked.request_written = True
+        tracked.inserted = True
+        tracked.request_written = snapshot.request_key
         tracked.span_versions.update(snapshot.span_versions)
         tracked.failures = 0
         if snapshot.ledger is not None:
@@ -360,7 +362,8 @@ class StoreRecorder:
         """What to write of a run, taken now (the run may change while it is written)."""
         run = tracked.log
         row = self._scrub(_run_row(run, self.instance.id))
-        if tracked.request_written:
+        request_key = _request_key(run)
+        if tracked.request_written == request_key:
             row.pop("request")
         spans = [
             (span.seq not in tracked.span_versions, self._scrub(_span_row(run.run_id, span)))
@@ -376,6 +379,7 @@ class StoreRecorder:
             ledger=ledger,
             calls=run.calls() if ledger else [],
             final=run.finished,
+            request_key=request_key,
         )
 
     async def _save(
@@ -409,22 +413,23 @@ class StoreRecorder:
             await conn.execute(insert(run_spans), new_spans)
         if changed_spans:
             await conn.execute(_UPDATE_SPAN, changed_spans)
+        unreserved: list[tuple[str | None, str, list[SpendRow]]] = []
         for tracked, snapshot in batch:
-            if snapshot.ledger is not None:
-                run_id = tracked.log.run_id
-                await self._charge(conn, run_id, snapshot, run_id in recovered)
-
-    async def _charge(
-        self, conn: AsyncConnection, run_id: str, snapshot: _Snapshot, recovered: bool
-    ) -> None:
-        assert snapshot.ledger is not None
-        if recovered:  # pragma: no cover - needs this process's heartbeat stalled past the lease
-            log.warning("run %s was taken for abandoned and charged as recorded then", run_id)
-            return
-        rows = [SpendRow(c.stage, c.model, c.cost) for c in snapshot.calls]
-        await self.store.ledger.settle_in(
-            conn, snapshot.ledger.reservation_id, run_id, rows, key_id=snapshot.ledger.key_id
-        )
+            ledger = snapshot.ledger
+            if ledger is None:
+                continue
+            run_id = tracked.log.run_id
+            if run_id in recovered:  # pragma: no cover - needs a heartbeat stalled past the lease
+                log.warning("run %s was taken for abandoned and charged as recorded then", run_id)
+                continue
+            spent = [SpendRow(c.stage, c.model, c.cost) for c in snapshot.calls]
+            if ledger.reservation_id is None:  # nothing to release: one insert for them all
+                unreserved.append((ledger.key_id, run_id, spent))
+            else:
+                await self.store.ledger.settle_in(
+                    conn, ledger.reservation_id, run_id, spent, key_id=ledger.key_id
+                )
+        await self.store.ledger.record_in(conn, unreserved)
 
 
 _UPDATE_RUN = update(runs).where(runs.c.id == bindparam("row_id"))
@@ -454,6 +459,13 @@ class _Snapshot:
     ledger: LedgerEntry | None
     calls: list[Any]
     final: bool
+    request_key: tuple[Any, ...]
+
+
+def _request_key(run: RunLog) -> tuple[Any, ...]:
+    """What changes the ``request`` column after the run started: its plan (the panel's
+    members and options are known once the request is planned, and a write may come first)."""
+    return (run.preset, len(run.members), len(run.options))
 
 
 def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
