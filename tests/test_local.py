@@ -84,6 +84,13 @@ async def test_generation_does_not_block_the_event_loop(local: LocalProvider) ->
     assert ticks >= 10
 
 
+async def test_a_streamed_answer_starts_with_its_text_not_a_space(local: LocalProvider) -> None:
+    for question in ("What is the capital of France?", "Explain why the sky is blue."):
+        chunks = [c async for c in local.stream(ask(question, max_tokens=24, temperature=0.0))]
+        text = "".join(c.delta for c in chunks)
+        assert text and text == text.lstrip(), question
+
+
 async def test_closing_a_stream_stops_generation(local: LocalProvider) -> None:
     # A long answer streams token by token (a short one goes out whole, once it is checked).
     question = "Write the numbers from one to one hundred."

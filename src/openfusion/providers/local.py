@@ -199,8 +199,14 @@ class LocalProvider:
         """Token by token; offered tools, the model writes JSON, so the reply comes whole
         (its text, or its tool call) once it is parsed."""
         if not _offers_tools(request):
+            started = False  # the answer's first text: without the space after "A:"
             async with aclosing(self._tokens(request)) as tokens:  # closing it stops the worker
                 async for chunk in tokens:
+                    if not started and chunk.delta:
+                        chunk = dataclasses.replace(chunk, delta=chunk.delta.lstrip())
+                        started = bool(chunk.delta)
+                        if not started and chunk.usage is None and chunk.finish_reason is None:
+                            continue  # a token that was only the space
                     yield chunk
             return
         written = await collect(self._tokens(request), request.model)
