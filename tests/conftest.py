@@ -3,6 +3,7 @@ limited to loopback: a connection anywhere else fails the test instead of leavin
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,6 +18,8 @@ from openfusion.settings import RetrySettings, Settings, StoreSettings
 
 if TYPE_CHECKING:
     from server_fixtures import RunningServer
+
+    from openfusion.providers.local import LocalProvider
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
@@ -104,3 +107,16 @@ async def redis_prefix() -> AsyncIterator[str]:
     """A Redis key prefix of the test's own, cleaned up after (``helpers``)."""
     async with new_redis_prefix() as prefix:
         yield prefix
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[LocalProvider]:
+    """The embedded model's provider (for tests marked ``local_model``), once per module."""
+    from openfusion.providers.local import create
+    from openfusion.settings import ProviderConfig
+
+    cache = Path.home() / ".cache" / "openfusion-tests"
+    settings = Settings(config_dir=cache / "no-config", cache_dir=cache)
+    provider = create("local", ProviderConfig(type="local"), settings)
+    yield provider
+    asyncio.run(provider.aclose())

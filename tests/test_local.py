@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,11 @@ from click.testing import CliRunner
 from openfusion import CompletionRequest, Message, Settings, UpstreamError, load_preset
 from openfusion.cli import main
 from openfusion.engine.judge import Analysis, analysis_schema
-from openfusion.providers.local import LocalProvider, create
-from openfusion.settings import ProviderConfig
+from openfusion.providers.local import LocalProvider
 from openfusion.types import ToolSpec
 
 pytest.importorskip("llama_cpp", reason="the [local] extra (llama-cpp-python) is not installed")
 pytestmark = pytest.mark.local_model
-
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[LocalProvider]:
-    cache = Path.home() / ".cache" / "openfusion-tests"
-    settings = Settings(config_dir=cache / "no-config", cache_dir=cache)
-    provider = create("local", ProviderConfig(type="local"), settings)
-    yield provider
-    asyncio.run(provider.aclose())
 
 
 def ask(question: str, **kwargs: object) -> CompletionRequest:

@@ -4,16 +4,13 @@ same requests decoded one at a time, on the real model (Gemma 3 270M)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from openfusion import Completion, CompletionRequest, Message, Settings
+from openfusion import Completion, CompletionRequest, Message
 from openfusion.providers import local_batch
-from openfusion.providers.local import LocalProvider, create
-from openfusion.settings import ProviderConfig
+from openfusion.providers.local import LocalProvider
 
 pytest.importorskip("llama_cpp", reason="the [local] extra (llama-cpp-python) is not installed")
 pytestmark = pytest.mark.local_model
@@ -31,15 +28,6 @@ PANEL = ((0.0, 1), (0.7, 2), (0.7, 3))
 """The local preset's members: one greedy, two sampled (temperature, seed)."""
 FLUSH = "Name a colour of the rainbow."
 """Asked in between, so a question's prompt is not the one left in llama.cpp's cache."""
-
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[LocalProvider]:
-    cache = Path.home() / ".cache" / "openfusion-tests"
-    settings = Settings(config_dir=cache / "no-config", cache_dir=cache)
-    provider = create("local", ProviderConfig(type="local"), settings)
-    yield provider
-    asyncio.run(provider.aclose())
 
 
 @pytest.fixture

@@ -555,12 +555,7 @@ def _mean_logprob(llm: Any, prompt: str, continuation: str) -> float:
     tokens = llm.tokenize(prompt.encode("utf-8"))
     answer = llm.tokenize(f" {continuation.strip()}".encode(), add_bos=False)
     targets = [*answer, *llm.tokenize(b"\n", add_bos=False)][:SCORED_TOKENS]
-    cached = 0
-    for a, b in zip(llm._input_ids, tokens[:-1], strict=False):
-        if a != b:
-            break
-        cached += 1
-    llm.n_tokens = cached
+    cached = local_batch.reuse_prefix(llm, tokens)
     llm.eval(tokens[cached:-1])  # all but the last: its logits are needed for the answer's first
     past = llm.n_tokens
     llm._ctx.kv_cache_seq_rm(-1, past, -1)

@@ -171,13 +171,20 @@ def decode_together(llm: Any, tokens: Sequence[int], sequences: Sequence[Answer]
 def _evaluate_prompt(llm: Any, tokens: Sequence[int]) -> None:
     """Sequence 0 holds ``tokens`` with the last one evaluated now (its logits are needed);
     whatever prefix the previous call left in the cache is reused."""
+    cached = reuse_prefix(llm, tokens)
+    llm.eval(list(tokens[cached:]))  # drops sequence 0's cells past the shared prefix first
+
+
+def reuse_prefix(llm: Any, tokens: Sequence[int]) -> int:
+    """How many of ``tokens`` (all but the last, whose logits are wanted) the context holds
+    from the previous call; ``llm`` is told to keep those and evaluate from there."""
     cached = 0
     for a, b in zip(llm._input_ids, tokens[:-1], strict=False):
         if a != b:
             break
         cached += 1
     llm.n_tokens = cached
-    llm.eval(list(tokens[cached:]))  # drops sequence 0's cells past the shared prefix first
+    return cached
 
 
 def _logits(llm: Any, row: int, vocab: int) -> npt.NDArray[np.float32]:
