@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import pytest
+from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -36,6 +37,30 @@ ANALYSIS = {  # a judge's analysis in the contract's shape, as scripted judges r
     "unique_insights": [{"model": "Response A", "insight": "published 1813"}],
     "blind_spots": [],
 }
+
+
+ANALYSIS_KEYS = {
+    "consensus",
+    "contradictions",
+    "partial_coverage",
+    "unique_insights",
+    "blind_spots",
+}
+"""The five keys of every fusion result's ``analysis`` (the API contract)."""
+
+
+@asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of 127.0.0.1 until the block ends: ``http://127.0.0.1:PORT``."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 async def eventually(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:

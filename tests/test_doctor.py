@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
+from helpers import serve_app
 
 from openfusion.cli import main
 from openfusion.doctor import check
@@ -34,13 +35,8 @@ async def models_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/api/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/api/v1"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url + "/api/v1"
 
 
 def configure(base_url: str) -> Path:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import ANALYSIS_KEYS
 
 from openfusion import (
     AnswerDelta,
@@ -91,13 +92,7 @@ async def test_full_run_result_has_contract_shape(settings: Settings) -> None:
     assert result.failure_reason is None
     assert len(result.responses) == 3
     assert result.analysis is not None
-    assert set(result.analysis) == {
-        "consensus",
-        "contradictions",
-        "partial_coverage",
-        "unique_insights",
-        "blind_spots",
-    }
+    assert set(result.analysis) == ANALYSIS_KEYS
     data = result.to_dict()
     assert {"status", "analysis", "responses", "failed_models", "failure_reason", "usage"} <= set(
         data

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import ANALYSIS_KEYS
 
 from openfusion import CompletionRequest, Message, Settings, UpstreamError, load_preset
 from openfusion.cli import main
@@ -109,13 +110,7 @@ def test_ask_on_the_local_preset_end_to_end() -> None:
     assert data["status"] == "ok"
     assert len(data["responses"]) == len(load_preset("local", Settings.load()).panel)
     assert "Austen" in data["content"]
-    assert set(data["analysis"]) == {
-        "consensus",
-        "contradictions",
-        "partial_coverage",
-        "unique_insights",
-        "blind_spots",
-    }
+    assert set(data["analysis"]) == ANALYSIS_KEYS
     assert data["content"].strip()
     assert data["usage"]["total_tokens"] > 0
     assert data["usage"]["cost"] == 0.0

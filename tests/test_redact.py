@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import serve_app
 from server_fixtures import RunningServer, demo_provider, write_config, write_preset
 
 from openfusion.providers import ProviderRegistry
@@ -109,15 +110,8 @@ async def echo_upstream() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url + "/v1"
 
 
 @pytest.fixture

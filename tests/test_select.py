@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ANALYSIS_KEYS
 
 from openfusion import Fusion, PanelSlot, Preset, ProviderRegistry, Settings
 from openfusion.engine import select
@@ -55,13 +56,7 @@ async def test_a_unanimous_panel_answer_is_kept_verbatim(settings: Settings) -> 
     assert result.analysis is not None
     assert result.analysis["consensus"] == ["The Golden Fleece."]
     assert result.analysis["contradictions"] == []
-    assert set(result.analysis) == {
-        "consensus",
-        "contradictions",
-        "partial_coverage",
-        "unique_insights",
-        "blind_spots",
-    }
+    assert set(result.analysis) == ANALYSIS_KEYS
 
 
 async def test_agreement_outweighs_a_small_likelihood_gap(settings: Settings) -> None:
