@@ -132,8 +132,9 @@ class FusionRun:
         self.started = time.monotonic()
         self.tools, self.max_tool_calls = context.tool_use
         self.timings: dict[str, float] = {}
-        self.selection: tuple[dict[str, Any], ...] = ()
         """Seconds per stage, as ``FusionResult.timings``."""
+        self.selection: tuple[dict[str, Any], ...] = ()
+        """Select mode: each candidate answer with its votes and score, best first."""
         self.passages: tuple[retrieval.Passage, ...] = ()
         """What the engine's own search found relevant (``[tools] retrieve``)."""
         self.sources: list[tuple[str, str]] = []
