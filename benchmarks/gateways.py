@@ -26,7 +26,10 @@ Gateways are pinned to ``--gateway-cpu``, the mock and the load (this process) t
 - (e) streams (``s``: 68 chunks) at concurrency 1, paired with direct streams: added time to
   the first content chunk, added total, the gap between content chunks;
 - (f) (a), (b), (c) and (e) for each ``--variants`` entry (pinned to the same one core);
-  ``no-ledger`` is the app with a ledger that records nothing: what the ledger costs.
+  ``no-ledger`` is the app with a ledger that records nothing: what the ledger costs;
+- ``--baseline REV``: openfusion as it was at git revision ``REV`` (checked out into a
+  temporary worktree, imported ahead of this checkout), beside this checkout's in the same run:
+  what a change moved, with the machine's noise cancelled as far as one run can.
 
 Every measurement runs ``--rounds`` times, the gateways in a new order each round, so a noisy
 neighbour hits them all alike; a cell gives the value over all rounds pooled and, in brackets,
@@ -124,7 +127,7 @@ def serve_without_ledger(port: int) -> None:
     from openfusion.server.app import create_app
     from openfusion.settings import Settings
 
-    app = create_app(Settings.load(), store=NullStore(), recorder=NullRecorder())  # type: ignore[arg-type]
+    app = create_app(Settings.load(), store=NullStore(), recorder=NullRecorder(), tune_gc=True)  # type: ignore[arg-type]
     uvicorn.run(
         app, port=port, loop="uvloop", http="httptools", log_level="info", access_log=False
     )  # as `openfusion serve` runs it
@@ -145,6 +148,7 @@ def start_openfusion(
     cpu: int | None,
     *,
     ledger: bool = True,
+    source: Path | None = None,
 ) -> Server:
     config_dir = tmp / name.replace(" ", "_")
     (config_dir / "presets").mkdir(parents=True)
@@ -163,6 +167,7 @@ def start_openfusion(
         OPENFUSION_CONFIG_DIR=str(config_dir),
         OPENFUSION_CACHE_DIR=str(config_dir / "cache"),
         OPENFUSION_DATA_DIR=str(config_dir / "data"),  # the store: not the user's
+        **({"PYTHONPATH": str(source)} if source else {}),  # another revision's package
     )
     port = free_port()
     command = [sys.executable, "-c", "from openfusion.cli import main; main()", "serve"]
@@ -291,9 +296,12 @@ class Gateways:
         if (venv / "bin" / "python").exists():
             self.litellm_version = litellm_version(venv)
 
-    async def openfusion(self, variant: str | None = None) -> None:
+    async def openfusion(self, variant: str | None = None, baseline: str | None = None) -> None:
         workers, ledger = VARIANTS[variant] if variant else (1, "sqlite")
         name = f"openfusion {variant}" if variant else "openfusion"
+        source = None
+        if baseline:
+            name, source = f"openfusion @{baseline}", self.checkout(baseline)
         database_url = None
         if ledger == "postgres":
             admin = self.args.postgres
@@ -306,8 +314,21 @@ class Gateways:
             database_url = admin.replace("postgresql://", "postgresql+asyncpg://", 1)
             database_url = f"{database_url.rsplit('/', 1)[0]}/{database}"
         start = partial(start_openfusion, name, workers, database_url, self.mock, self.tmp)
-        start = partial(start, self.args.gateway_cpu, ledger=ledger != "none")
+        start = partial(start, self.args.gateway_cpu, ledger=ledger != "none", source=source)
         self.add(name, start, prefix="mock/", fusion=True)
+
+    def checkout(self, revision: str) -> Path:
+        """``revision``'s source tree in a temporary git worktree (removed on exit)."""
+        where = self.tmp / f"at-{revision.replace('/', '_')}"
+        git = ["git", "-C", str(ROOT)]
+        subprocess.run(
+            [*git, "worktree", "add", "--detach", str(where), revision],
+            check=True,
+            capture_output=True,
+        )
+        remove = [*git, "worktree", "remove", "--force", str(where)]
+        self.stack.callback(subprocess.run, remove, check=False)
+        return where / "src"
 
     async def ready(self) -> Target:
         """Wait for every gateway (a real completion through it); the mock as a target."""
@@ -334,6 +355,8 @@ async def compare(args: argparse.Namespace) -> None:
         if args.litellm:
             gateways.litellm()
         await gateways.openfusion()
+        if args.baseline:
+            await gateways.openfusion(baseline=args.baseline)
         for variant in args.variants:
             await gateways.openfusion(variant)
         direct = await gateways.ready()
@@ -424,6 +447,11 @@ def parse_args() -> argparse.Namespace:
         choices=sorted(VARIANTS),
         default=["workers2", "postgres"],
         help="(f) openfusion variants beside the default (none: just the default)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run openfusion as of this git revision (e.g. main, HEAD~3), same run",
     )
     parser.add_argument("--no-litellm", dest="litellm", action="store_false")
     parser.add_argument(

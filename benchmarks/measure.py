@@ -348,10 +348,9 @@ class Bench:
                     with self.cell(row, f"(b) at {self.args.crowd}"):
                         await self.crowded(row, direct)
             log(f"round {number}/{self.args.rounds}: {time.monotonic() - started:.0f} s")
-        if self.args.capacity:
-            fusing = next((r for r in self.rows if r.path == "fusion"), None)
-            if fusing is not None and fusing.target.broken is None:
-                log(f"(d) capacity: {self.args.capacity} fusion requests at once")
+        for fusing in self.rows if self.args.capacity else ():
+            if fusing.path == "fusion" and fusing.target.broken is None:
+                log(f"(d) capacity: {self.args.capacity} fusion requests at once, {fusing.label}")
                 with self.cell(fusing, "(d) capacity"):
                     await self.capacity(fusing)
 

@@ -1,8 +1,9 @@
 """The server's per-key rate limits (429 with Retry-After), /metrics, JSON logs with the
-generation id, and OpenTelemetry spans of each run."""
+generation id, OpenTelemetry spans of each run, and the collector tuned for serving."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from server_fixtures import RunningServer, config_dir, setup_demo
 
 from openfusion.logs import GenerationFilter, JSONFormatter, generation_id
 from openfusion.providers.scripted import Step
+from openfusion.server import app as server_app
 from openfusion.server.telemetry import Telemetry
 from openfusion.store import Store
 
@@ -224,3 +226,24 @@ async def test_a_server_whose_redis_is_down_still_limits_and_holds_budgets(
     await server.written(key)
     budget = in_store(demo.settings, lambda store: store.ledger.budget(key_id))
     assert budget.spent_nano == 2 * 6_900_000 and budget.reserved_nano == 0  # as scripted
+
+
+def test_a_served_app_tunes_the_collector_once_started(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo = setup_demo()
+    before = gc.get_threshold()
+    try:
+        serve(demo.settings, demo.registry)
+        assert gc.get_threshold() == before  # a test's app leaves the collector alone
+        server = serve(demo.settings, demo.registry, tune_gc=True)
+        assert gc.get_threshold() == server_app.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 1000  # startup's objects: out of every collection
+        assert server.url  # and it serves
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(server_app, "create_app", lambda settings, **kw: made.append(kw))
+    server_app.app_from_env()  # what `openfusion serve` runs
+    assert made == [{"tune_gc": True}]
