@@ -39,6 +39,10 @@ def masked(key: str) -> str:
         (f"key {KEY[:5]}••••{KEY[-2:]}", f"key {REDACTED}"),
         (f'{{"auth": "Bearer {KEY}"}}', f'{{"auth": "Bearer {REDACTED}"}}'),
         ("Authorization: bearer abc123def456ghi", f"Authorization: bearer {REDACTED}"),
+        # every spelling the quick pre-checks must let through to the regexes
+        (f"key {KEY[:9]}XxXxX{KEY[-3:]}", f"key {REDACTED}"),
+        (f"key {KEY[:7]}…{KEY[-4:]}", f"key {REDACTED}"),
+        ("AUTHORIZATION: BEARER ABC123DEF456GHI", f"AUTHORIZATION: BEARER {REDACTED}"),
     ],
 )
 def test_secrets_and_their_masked_forms_are_redacted(text: str, expected: str) -> None:

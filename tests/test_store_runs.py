@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import ANALYSIS, POSTGRES_URL, new_postgres_schema
 from pydantic import Field
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from openfusion import Fusion, PanelSlot, Preset, Settings
 from openfusion.cli import main
@@ -27,7 +27,7 @@ from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.store import Database, RunFilter, SpendRow, Store, to_nano
 from openfusion.store import recorder as recorder_module
-from openfusion.store.recorder import LedgerEntry, StoreRecorder
+from openfusion.store.recorder import SLICE, LedgerEntry, StoreRecorder
 from openfusion.store.runs import Instance, utcnow
 from openfusion.store.schema import instances, run_spans, runs, spend
 from openfusion.tools import Source, Tool, ToolOutput, ToolRegistry
@@ -405,6 +405,59 @@ async def test_settle_writes_the_end_and_the_spend_in_one_go(store: Store) -> No
         0.1
     ) + to_nano(0.2)
     assert (await store.ledger.budget("k")).reserved_nano == 0
+    await recorder.aclose()
+
+
+async def test_a_batch_of_many_runs_is_written_whole_in_slices(store: Store) -> None:
+    """Hundreds of runs in one batch: every run, span and spend row is written (in statements
+    of ``SLICE`` rows), and the event loop keeps turning while they are."""
+    recorder = StoreRecorder(store, source="server", flush_interval=60)
+    await recorder.start()
+    count = 5 * SLICE + 3
+    settled = []
+    for n in range(count):
+        log = recorder.start_run(RunStart(f"gen-{n}", "call", (Message("user", QUESTION),)))
+        record = CallRecord(("m",), "m", (), "x", (), Usage(cost=0.01), 1, None, False, 0.0, 0.0)
+        log.event(ModelCallEvent("call", None, record))
+        settled.append(recorder.settle(log, RunEnd("ok", "x"), LedgerEntry(None, None)))
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    at_snapshot: list[int] = []  # the loop's turn at each run's snapshot
+    snapshot = recorder._snapshot
+
+    def spy(tracked: Any) -> Any:
+        at_snapshot.append(turns)
+        return snapshot(tracked)
+
+    recorder._snapshot = spy  # type: ignore[method-assign]
+    rows_bound: list[int] = []
+
+    def statement(*args: Any) -> None:
+        if args[-1]:  # executemany
+            rows_bound.append(len(args[3]))
+
+    engine = store.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", statement)
+    counter = asyncio.create_task(count_turns())
+    recorder.hurry()
+    await asyncio.wait_for(asyncio.gather(*settled), 30)
+    counter.cancel()
+    event.remove(engine, "before_cursor_execute", statement)
+    assert len(at_snapshot) == count and len(set(at_snapshot)) > count // SLICE
+    assert max(rows_bound) == SLICE and sum(rows_bound) >= 3 * count  # runs, spans, spend
+    page, _ = await store.runs.page(RunFilter(limit=1000))
+    assert {r["id"] for r in page} == {f"gen-{n}" for n in range(count)}
+    assert all(r["status"] == "ok" for r in page)
+    for n in (0, SLICE, count - 1):
+        run = await store.runs.get(f"gen-{n}")
+        assert run is not None and [s["kind"] for s in run["timeline"]] == ["model"]
+        assert [r.cost_nano for r in await store.ledger.rows(f"gen-{n}")] == [to_nano(0.01)]
     await recorder.aclose()
 
 
