@@ -125,6 +125,9 @@ class NullRecorder:
     def hurry(self) -> None:
         pass
 
+    async def room(self) -> None:
+        pass
+
     async def start(self) -> None:
         pass
 

@@ -25,7 +25,8 @@ from server_fixtures import (
 
 from openfusion.providers.scripted import Step
 from openfusion.settings import Settings
-from openfusion.store import NANO, SpendLedger, to_nano
+from openfusion.store import NANO, RunFilter, SpendLedger, Store, to_nano
+from openfusion.store.recorder import StoreRecorder
 
 Serve = Callable[..., RunningServer]
 
@@ -276,3 +277,24 @@ async def test_keys_without_budget_are_not_limited(serve: Serve) -> None:
     await server.written(key)
     async with SpendLedger(settings.database) as ledger:
         assert await ledger.spent(key_id(settings)) == 3 * RUN_NANO
+
+
+async def test_requests_wait_for_a_writer_far_behind_rather_than_go_unrecorded(
+    serve: Serve,
+) -> None:
+    """The writer gathers for a minute and may hold 4 runs: from the third waiting run on, a
+    request waits for a write (``StoreRecorder.room``) instead of being answered without a
+    record of its spend."""
+    settings, registry, key = setup()
+    store = Store.for_settings(settings)
+    recorder = StoreRecorder(store, source="server", flush_interval=60, max_pending=4)
+    server = serve(settings, registry, store=store, recorder=recorder)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(8):
+            status, _, text = await post(session, server, key, fusion())
+            assert status == 200, text
+    await server.written(key)
+    async with SpendLedger(settings.database) as ledger:
+        assert await ledger.spent(key_id(settings)) == 8 * RUN_NANO
+    page, _ = in_store(settings, lambda s: s.runs.page(RunFilter()))
+    assert len(page) == 8

@@ -143,7 +143,8 @@ class Metering:
     ) -> MeteredRun:
         """Reserve ``max_cost`` of the key's budget, or the default reservation capped to what
         is left (nothing for no key or a key without a budget). ``APIError(402)`` when it does
-        not fit."""
+        not fit. Waits first while the run writer is far behind (``StoreRecorder.room``)."""
+        await self.recorder.room()
         reservation = None
         if key_id is not None:
             reserve = self.ledger.reserve if self.budgets is None else self.budgets.reserve

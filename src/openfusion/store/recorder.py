@@ -57,8 +57,12 @@ PRUNE_EVERY = 3600.0
 MAX_PENDING = 10_000
 MAX_ATTEMPTS = 5
 SLICE = 32
-"""Runs snapshotted, or rows bound, between two turns of the event loop: a batch of hundreds
-taken in one go held every request for milliseconds (the gateway's p99 at concurrency 1)."""
+SLICES = 4
+"""A batch's runs are snapshotted, and each statement's rows bound, in at most ``SLICES``
+parts of at least ``SLICE``, with a turn of the event loop between parts: hundreds taken in one
+go held every request for milliseconds (the gateway's p99 at concurrency 1). A fixed number of
+parts, not a fixed size: each turn waits behind every request ready to run, so parts of a fixed
+size left the writer behind the requests under load."""
 RETRY_AFTER = 1.0
 CLOSE_TIMEOUT = 30.0
 
@@ -115,6 +119,8 @@ class StoreRecorder:
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
         """Set when somebody waits for a write (``hurry``, closing): the writer stops gathering."""
+        self._progress = asyncio.Event()
+        """Set (and replaced) after every batch: for those waiting for ``room``."""
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[bool] | None = None
@@ -178,6 +184,15 @@ class StoreRecorder:
         tracked.settled = settled
         self._changed(run)
         return settled
+
+    async def room(self) -> None:
+        """Return once fewer than half of ``max_pending`` runs wait to be written. A server
+        awaits this before each request: when its writer falls behind, requests wait for it
+        instead of being answered with no record of their spend (past ``max_pending`` new runs
+        are not recorded)."""
+        while len(self._runs) >= self._max_pending // 2 and not (self._closing or self._disabled):
+            self._urgent.set()
+            await self._progress.wait()
 
     def hurry(self) -> None:
         """Write what is pending now instead of at the end of the flush interval."""
@@ -257,6 +272,8 @@ class StoreRecorder:
                     await self._write(sorted(self._dirty))
                 except Exception:  # a bug; the writer must go on (requests wait for it)
                     log.exception("the run writer failed")
+                self._progress.set()
+                self._progress = asyncio.Event()
         finally:
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -266,7 +283,7 @@ class StoreRecorder:
         self._dirty.difference_update(run_ids)
         batch = []
         for index, run_id in enumerate(run_ids):
-            if index % SLICE == SLICE - 1:
+            if index and index % _slice(len(run_ids)) == 0:
                 await asyncio.sleep(0)  # let requests on: a big batch is many milliseconds
             tracked = self._runs.get(run_id)
             if tracked is None:
@@ -392,7 +409,7 @@ class StoreRecorder:
     async def _save(
         self, conn: AsyncConnection, batch: Sequence[tuple[_Tracked, _Snapshot]]
     ) -> None:
-        """Write a batch: a statement per kind of change and ``SLICE`` rows (compiled once,
+        """Write a batch: a statement per kind of change and part (``SLICES``; compiled once,
         executed for many rows), then the spend of the runs that settle."""
         settling = [t.log.run_id for t, snapshot in batch if snapshot.ledger is not None]
         recovered: set[str] = set()
@@ -452,10 +469,16 @@ def _keyed(row: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
     return {keys.get(column, column): value for column, value in row.items()}
 
 
+def _slice(count: int) -> int:
+    """Rows per part for ``count`` rows (``SLICES``)."""
+    return max(SLICE, -(-count // SLICES))
+
+
 def _sliced(rows: list[T]) -> list[list[T]]:
-    """``rows`` in statements of at most ``SLICE``: the event loop serves requests while the
+    """``rows`` in statements of ``_slice`` rows: the event loop serves requests while the
     database runs each (binding a statement's parameters takes the loop's thread)."""
-    return [rows[i : i + SLICE] for i in range(0, len(rows), SLICE)]
+    size = _slice(len(rows))
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def _same_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
