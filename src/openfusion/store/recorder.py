@@ -379,7 +379,8 @@ class StoreRecorder:
     # -- rows ------------------------------------------------------------------------------
 
     def _scrub(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {k: self._redact.value(v) for k, v in row.items()}
+        scrubbed: dict[str, Any] = self._redact.value(row)
+        return scrubbed
 
     def _snapshot(self, tracked: _Tracked) -> _Snapshot:
         """What to write of a run, taken now (the run may change while it is written)."""
