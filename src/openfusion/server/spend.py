@@ -23,6 +23,7 @@ reservation is released.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -135,7 +136,7 @@ class Metering:
         self.default_reservation = default_reservation
         self.budgets = budgets
         self.after = after
-        self._settling: dict[str, asyncio.Task[None]] = {}
+        self._settling: dict[str, asyncio.Future[None]] = {}
         """Generation id -> its settlement, until written."""
 
     async def start(
@@ -167,9 +168,16 @@ class Metering:
         if run.log is not None:
             entry = LedgerEntry(run.reservation.id if run.reservation else None, run.key_id)
             written = self.recorder.settle(run.log, run.end(), entry)
-        task = asyncio.create_task(self._settle(run, written))
-        self._settling[run.generation_id] = task
-        task.add_done_callback(lambda _: self._settling.pop(run.generation_id, None))
+        pending: asyncio.Future[None]
+        if written is not None and (run.reservation is None or self.budgets is None):
+            # Nothing to do once written but to note a failure: a callback, not a task (a
+            # batch's commit woke hundreds of tasks at once, holding the loop for milliseconds).
+            pending = written
+            pending.add_done_callback(functools.partial(_note_failure, run.generation_id))
+        else:
+            pending = asyncio.create_task(self._settle(run, written))
+        self._settling[run.generation_id] = pending
+        pending.add_done_callback(lambda _: self._settling.pop(run.generation_id, None))
         if self.after is not None:
             await asyncio.shield(self._after(run))
 
@@ -185,6 +193,8 @@ class Metering:
             await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
 
     async def _settle(self, run: MeteredRun, written: asyncio.Future[None] | None) -> None:
+        """The spend written, the reservation released in Redis (``budgets``); or, with no
+        record, the reservation released in the database."""
         reservation = run.reservation
         charged = 0
         try:
@@ -214,3 +224,12 @@ class Metering:
         while self._settling:
             self.recorder.hurry()
             await asyncio.gather(*self._settling.values(), return_exceptions=True)
+
+
+def _note_failure(generation_id: str, written: asyncio.Future[None]) -> None:
+    if written.cancelled() or written.exception() is not None:
+        log.error(
+            "could not record the run and spend of %s",
+            generation_id,
+            exc_info=None if written.cancelled() else written.exception(),
+        )
