@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,32 @@ async def test_prompt_overrides_from_preset_and_user_dir(settings: Settings) -> 
     await fusion.run("why?")
     assert provider.calls[0].messages[0].content == "PANEL 1 why?"
     assert provider.calls[-1].messages[0].content == "SYNTH 1: why?"
+
+
+def test_a_template_is_read_once_per_process(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file check per render: an edited prompt counts from the next start."""
+    from openfusion.prompts import PromptSet
+
+    path = write(settings.config_dir / "prompts" / "panel_system.j2", "ONE {{ question }}")
+    prompts = PromptSet([path.parent])
+
+    def render(prompts: PromptSet) -> tuple[str, str]:  # the user's template and a shipped one
+        panel = prompts.render("panel_system", question="q", member_index=0, panel_size=1)
+        return panel, prompts.render("fusion_tool", panel_size=3)
+
+    first = render(prompts)
+    assert first[0] == "ONE q"
+    checks: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(
+        os, "stat", lambda p, *a, **k: checks.append(str(p)) or real_stat(p, *a, **k)
+    )
+    path.write_text("TWO {{ question }}")
+    assert render(prompts) == first
+    assert checks == []
+    assert render(PromptSet([path.parent]))[0] == "TWO q"  # a new process, as it were
 
 
 def test_unknown_template_variable_is_a_config_error(settings: Settings) -> None:

@@ -14,7 +14,9 @@ Templates and the variables they receive:
   grader's prompt
 
 A template is looked up in this order: the preset's own override (a file path), the user's
-prompt dir (settings ``prompts_dir``, then ``<config dir>/prompts``), the shipped file.
+prompt dir (settings ``prompts_dir``, then ``<config dir>/prompts``), the shipped file. Each is
+read once per process (a prompt edited later counts from the next start): checking files for
+changes cost two ``stat`` calls per render, five renders per fusion.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class PromptSet:
             undefined=jinja2.StrictUndefined,
             autoescape=False,
             keep_trailing_newline=False,
+            auto_reload=False,
         )
         self._overrides = dict(overrides or {})
         self._compiled: dict[str, jinja2.Template] = {}
