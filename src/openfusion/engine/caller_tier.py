@@ -36,7 +36,7 @@ from openfusion.engine.result import (
 )
 from openfusion.engine.run import DEPTH_HEADER, FusionRun, RunContext, last_user
 from openfusion.errors import ProviderError
-from openfusion.types import Completion, CompletionRequest, Message, ToolCall, ToolSpec, Usage
+from openfusion.types import Completion, Message, ToolCall, ToolSpec, Usage
 
 if TYPE_CHECKING:
     from openfusion.engine.fusion import Fusion
@@ -98,18 +98,14 @@ class CallerTier:
         self.fusions: list[FusionResult] = []
         self.capped = False
         self.tools = (fusion_tool(fusion), *functions)
-        self.base = options.answer(
-            options.sampling(
-                CompletionRequest(
-                    model="",
-                    messages=(),
-                    seed=options.seed,
-                    headers={DEPTH_HEADER: str(fusion.depth + 1)},
-                    reasoning=options.reasoning,
-                    user=options.user,
-                    tools=self.tools,
-                )
-            )
+        self.base = options.request(
+            model="",
+            messages=(),
+            seed=options.seed,
+            headers={DEPTH_HEADER: str(fusion.depth + 1)},
+            reasoning=options.reasoning,
+            user=options.user,
+            tools=self.tools,
         )
 
     def emit(self, event: FusionEvent) -> None:

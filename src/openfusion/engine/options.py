@@ -37,15 +37,30 @@ class RunOptions:
         """The answer must be JSON: nothing may be appended to it (no Sources list)."""
         return self.response_format is not None and self.response_format.get("type") != "text"
 
+    def request(self, **fields: Any) -> CompletionRequest:
+        """A new request of ``fields`` shaped by this run: ``answer(sampling(
+        CompletionRequest(**fields)))`` built at once (the caller's calls and every plain
+        request start here; two copies of a request were a measurable part of a pass-through)."""
+        return CompletionRequest(
+            **fields,
+            **self._sampling(),
+            max_tokens=self.max_tokens,
+            stop=self.stop,
+            response_format=self.response_format,
+        )
+
     def sampling(self, request: CompletionRequest) -> CompletionRequest:
         """``request`` with this run's sampling fields (those set)."""
+        return dataclasses.replace(request, **self._sampling())
+
+    def _sampling(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
         }
-        return dataclasses.replace(request, **{k: v for k, v in fields.items() if v is not None})
+        return {k: v for k, v in fields.items() if v is not None}
 
     def answer(self, request: CompletionRequest) -> CompletionRequest:
         """``request`` shaped as the client's answer: its length, stop sequences and format."""

@@ -345,9 +345,10 @@ class Completions:
         _kind(run, "call")
         observe = _observer(run, "call")
         tools = tuple(ToolSpec(f.name, f.description, f.parameters) for f in body.function_tools)
-        request = _request(body, messages, depth, tools=tools, tool_choice=body.tool_choice)
+        offered: dict[str, Any] = {"tools": tools, "tool_choice": body.tool_choice}
         if not tools:  # a choice among no tools is no choice
-            request = dataclasses.replace(request, tool_choice=None, parallel_tool_calls=None)
+            offered = {"parallel_tool_calls": None}
+        request = _request(body, messages, depth, **offered)
         self._check_candidates(candidates, request)
         budget = Budget(body.max_cost) if body.max_cost is not None else None
 
@@ -418,17 +419,16 @@ def _request(
 ) -> CompletionRequest:
     """A call for the request's own model: every field it sets, one level deeper."""
     options = _options(body)
-    request = CompletionRequest(
+    fields.setdefault("parallel_tool_calls", body.parallel_tool_calls)
+    return options.request(
         model="",
         messages=messages,
         seed=body.seed,
         headers={DEPTH_HEADER: str(depth + 1)},
         reasoning=options.reasoning,
         user=options.user,
-        parallel_tool_calls=body.parallel_tool_calls,
         **fields,
     )
-    return options.answer(options.sampling(request))
 
 
 def _refuse_on_a_fusion_model(body: ChatCompletionRequest) -> None:
