@@ -321,11 +321,10 @@ class Gateways:
         """``revision``'s source tree in a temporary git worktree (removed on exit)."""
         where = self.tmp / f"at-{revision.replace('/', '_')}"
         git = ["git", "-C", str(ROOT)]
-        subprocess.run(
-            [*git, "worktree", "add", "--detach", str(where), revision],
-            check=True,
-            capture_output=True,
-        )
+        add = [*git, "worktree", "add", "--detach", str(where), revision]
+        done = subprocess.run(add, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"--baseline {revision}: {done.stderr.strip()}")
         remove = [*git, "worktree", "remove", "--force", str(where)]
         self.stack.callback(subprocess.run, remove, check=False)
         return where / "src"
