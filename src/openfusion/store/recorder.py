@@ -285,17 +285,18 @@ class StoreRecorder:
     async def _write(self, run_ids: list[str]) -> None:
         self._dirty.difference_update(run_ids)
         batch = []
-        for index, run_id in enumerate(run_ids):
-            if index and index % _slice(len(run_ids)) == 0:
+        for number, part in enumerate(_sliced(run_ids)):
+            if number:
                 await asyncio.sleep(0)  # let requests on: a big batch is many milliseconds
-            tracked = self._runs.get(run_id)
-            if tracked is None:
-                continue
-            try:
-                batch.append((tracked, self._snapshot(tracked)))
-            except Exception:  # a bug: this run cannot be written, the others still are
-                log.exception("cannot record run %s", run_id)
-                self._drop(tracked, "its record could not be built")
+            for run_id in part:
+                tracked = self._runs.get(run_id)
+                if tracked is None:
+                    continue
+                try:
+                    batch.append((tracked, self._snapshot(tracked)))
+                except Exception:  # a bug: this run cannot be written, the others still are
+                    log.exception("cannot record run %s", run_id)
+                    self._drop(tracked, "its record could not be built")
         if not batch:
             return
         try:
@@ -473,15 +474,10 @@ def _keyed(row: dict[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
     return {keys.get(column, column): value for column, value in row.items()}
 
 
-def _slice(count: int) -> int:
-    """Rows per part for ``count`` rows (``SLICES``)."""
-    return max(SLICE, -(-count // SLICES))
-
-
 def _sliced(rows: list[T]) -> list[list[T]]:
-    """``rows`` in statements of ``_slice`` rows: the event loop serves requests while the
-    database runs each (binding a statement's parameters takes the loop's thread)."""
-    size = _slice(len(rows))
+    """``rows`` in at most ``SLICES`` parts of at least ``SLICE``: runs snapshotted, or rows
+    bound to one statement, between two turns of the event loop."""
+    size = max(SLICE, -(-len(rows) // SLICES))
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
