@@ -408,6 +408,39 @@ async def test_settle_writes_the_end_and_the_spend_in_one_go(store: Store) -> No
     await recorder.aclose()
 
 
+async def test_a_run_that_ends_by_the_next_batch_is_written_once(store: Store) -> None:
+    """A run still running in the batch that gathered its start waits for the next one: a
+    request that ends by then is inserted once, not inserted and at once updated; a run that
+    runs on is written as running by the second batch (crash recovery still finds it)."""
+    recorder = StoreRecorder(store, source="server", flush_interval=0.05)
+    await recorder.start()
+    statements: list[str] = []  # what was done to the runs table
+
+    def statement(*args: Any) -> None:
+        if found := re.match(r"(INSERT INTO|UPDATE) (\w+\.)?runs\b", args[2]):
+            statements.append(found[1])
+
+    engine = store.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", statement)
+
+    async def batches(count: int) -> None:
+        for _ in range(count):
+            await recorder._progress.wait()  # set (and replaced) after each batch
+
+    quick = recorder.start_run(RunStart("gen-quick", "call", (Message("user", QUESTION),)))
+    slow = recorder.start_run(RunStart("gen-slow", "call", (Message("user", QUESTION),)))
+    await batches(1)  # both started in this batch's gathering: neither written yet
+    assert await store.runs.get("gen-quick") is None and await store.runs.get("gen-slow") is None
+    await asyncio.wait_for(recorder.settle(quick, RunEnd("ok", "x")), 10)
+    assert statements == ["INSERT INTO"]
+    run = await store.runs.get("gen-slow")
+    assert run is not None and run["status"] == "running"
+    event.remove(engine, "before_cursor_execute", statement)
+    await asyncio.wait_for(recorder.settle(slow, RunEnd("ok", "y")), 10)
+    assert (await store.runs.get("gen-slow") or {})["status"] == "ok"
+    await recorder.aclose()
+
+
 async def test_a_batch_of_many_runs_is_written_whole_in_slices(store: Store) -> None:
     """Hundreds of runs in one batch: every run, span and spend row is written, in ``SLICES``
     statements per kind, and the event loop turns between the parts."""

@@ -3,7 +3,10 @@
 The engine feeds each run's ``RunLog`` (in memory, no I/O); every change marks the run dirty and
 wakes a background writer, which waits ``flush_interval`` to gather more (less when a request
 waits for a write), then writes every dirty run in one transaction: a new run is inserted as
-``running``, a known one updated, its new or changed spans inserted or updated. A transaction
+``running``, a known one updated, its new or changed spans inserted or updated. A run that
+started during the batch's gathering and is still running waits for the next batch (unless a
+reader hurries the writer): most requests end within one, and are then written once, not
+inserted and at once updated. A transaction
 holds whole changes only, so a crash never leaves a half-written record: what was committed
 reads as a consistent, earlier state of the run, and the next process marks it ``unfinished``
 (``RunStore.sweep``).
@@ -88,6 +91,9 @@ class _Tracked:
     ledger: LedgerEntry | None = None
     settled: asyncio.Future[None] | None = None
     failures: int = 0
+    batch: int = 0
+    """The writer's batch count when the run started: a run still running in the batch that
+    gathered its start is not written yet."""
 
 
 class StoreRecorder:
@@ -129,6 +135,7 @@ class StoreRecorder:
         self._ready: asyncio.Future[bool] | None = None
         self._full_logged = False
         self._disabled = False
+        self._batches = 0
 
     @classmethod
     def for_settings(cls, settings: Settings, *, source: str) -> StoreRecorder:
@@ -155,7 +162,7 @@ class StoreRecorder:
                 )
                 self._full_logged = True
             return run
-        self._runs[start.id] = _Tracked(run)
+        self._runs[start.id] = _Tracked(run, batch=self._batches)
         self._start()
         self._changed(run)
         return run
@@ -270,9 +277,10 @@ class StoreRecorder:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):  # gather more, unless one waits
                         await asyncio.wait_for(self._urgent.wait(), self._flush_interval)
+                hurried = self._urgent.is_set() or self._closing
                 self._urgent.clear()
                 try:
-                    await self._write(sorted(self._dirty))
+                    await self._write(sorted(self._dirty), defer=not hurried)
                 except Exception:  # a bug; the writer must go on (requests wait for it)
                     log.exception("the run writer failed")
                 self._progress.set()
@@ -282,8 +290,10 @@ class StoreRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await maintenance
 
-    async def _write(self, run_ids: list[str]) -> None:
+    async def _write(self, run_ids: list[str], *, defer: bool = True) -> None:
+        """Write ``run_ids``; with ``defer``, not those started in this batch and running."""
         self._dirty.difference_update(run_ids)
+        gathered, self._batches = self._batches, self._batches + 1
         batch = []
         for number, part in enumerate(_sliced(run_ids)):
             if number:
@@ -291,6 +301,10 @@ class StoreRecorder:
             for run_id in part:
                 tracked = self._runs.get(run_id)
                 if tracked is None:
+                    continue
+                if defer and tracked.batch == gathered and not tracked.log.finished:
+                    self._dirty.add(run_id)  # started just now: the next batch, if it runs on
+                    self._wake.set()
                     continue
                 try:
                     batch.append((tracked, self._snapshot(tracked)))
