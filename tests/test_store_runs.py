@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import ANALYSIS, POSTGRES_URL, new_postgres_schema
 from pydantic import Field
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, insert, select, update
 
 from openfusion import Fusion, PanelSlot, Preset, Settings
 from openfusion.cli import main
@@ -406,6 +406,44 @@ async def test_settle_writes_the_end_and_the_spend_in_one_go(store: Store) -> No
     ) + to_nano(0.2)
     assert (await store.ledger.budget("k")).reserved_nano == 0
     await recorder.aclose()
+
+
+async def test_insert_many_writes_what_sqlalchemy_core_writes(store: Store) -> None:
+    """The writer's driver-level inserts bind every type as SQLAlchemy does: the same stored
+    values, byte for byte (JSON ``None`` as ``null``, integers past 64 bits, times, booleans)."""
+    db = store.db
+    await db.init()
+    when = utcnow().replace(microsecond=0)
+    run = {c.name: None for c in runs.c} | {
+        "kind": "call",
+        "status": "ok",
+        "source": "server",
+        "instance_id": "i",
+        "question": "q",
+        "request": {"messages": [{"role": "user", "content": "q"}], "big": 2**70},
+        "answer": "a",
+        "totals": {"cost": 0.5},
+        "streamed": True,
+        "created_at": when,
+        "updated_at": when.replace(microsecond=5),
+    }
+    row = {"key_id": None, "stage": "call", "model": None, "cost_nano": None, "unpriced": False}
+    async with db.write() as conn:
+        await conn.execute(insert(runs), [run | {"id": "core"}])
+        await db.insert_many(conn, runs, [run | {"id": "driver"}])
+        await conn.execute(insert(spend), [row | {"generation_id": "core", "created_at": when}])
+        spent = row | {"generation_id": "driver", "created_at": when}
+        await db.insert_many(conn, spend, [spent, spent])
+    prefix = f"{db.schema}." if db.schema else ""
+    async with db.read() as conn:  # raw rows: what the driver stored, not what a type reads
+        stored_runs = (await conn.exec_driver_sql(f"SELECT * FROM {prefix}runs")).all()
+        stored_spend = (
+            await conn.exec_driver_sql(f"SELECT generation_id, created_at FROM {prefix}spend")
+        ).all()
+    by_id = {r[0]: r[1:] for r in stored_runs}
+    assert by_id["core"] == by_id["driver"] and len(by_id) == 2
+    assert sorted(r[0] for r in stored_spend) == ["core", "driver", "driver"]
+    assert len({r[1] for r in stored_spend}) == 1
 
 
 async def test_a_run_that_ends_by_the_next_batch_is_written_once(store: Store) -> None:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import event, inspect, select, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import MetaData, Table, bindparam, event, insert, inspect, select, text
+from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateSchema
@@ -96,6 +96,7 @@ class Database:
         self._writer = engine.execution_options(**{_IMMEDIATE: True})
         self._ready = False
         self._init_lock = asyncio.Lock()
+        self._inserts: dict[tuple[str, tuple[str, ...]], _Insert] = {}
 
     @property
     def file(self) -> Path | None:
@@ -164,6 +165,24 @@ class Database:
         except SQLAlchemyError as exc:
             raise StoreError(f"database {self.where}: {reason(exc)}") from exc
 
+    async def insert_many(
+        self, conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Insert ``rows`` (dicts with the same keys) into ``table`` with one driver-level
+        ``executemany``: the statement compiled once per table and columns, each value bound by
+        its column type's own processor. The run writer's hot inserts go here: SQLAlchemy's
+        per-row parameter building for ``conn.execute(insert(table), rows)`` was a third of the
+        writer's time."""
+        if not rows:
+            return
+        columns = tuple(rows[0])
+        prepared = self._inserts.get((table.name, columns))
+        if prepared is None:
+            prepared = self._inserts[(table.name, columns)] = _Insert.compile(
+                table, columns, self.engine.dialect, self.schema
+            )
+        await conn.exec_driver_sql(prepared.sql, prepared.bind(rows))
+
     async def _current(self) -> str | None:
         if self.file is not None:
             self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +196,36 @@ class Database:
         if not await conn.run_sync(has_version_table):
             return None
         return await conn.scalar(select(alembic_version.c.version_num))
+
+
+class _Insert:
+    """A compiled ``INSERT`` and how to bind a row of it: the driver's SQL, and per
+    positional parameter its column and the bind processor of its type (``None``: as is)."""
+
+    def __init__(self, sql: str, binds: list[tuple[str, Callable[[Any], Any] | None]]) -> None:
+        self.sql = sql
+        self.binds = binds
+
+    @classmethod
+    def compile(
+        cls, table: Table, columns: tuple[str, ...], dialect: Dialect, schema: str | None
+    ) -> _Insert:
+        if schema is not None:  # the table in its schema, as schema_translate_map renders it
+            table = table.to_metadata(MetaData(), schema=schema)
+        statement = insert(table).values({c: bindparam(c) for c in columns})
+        compiled = statement.compile(dialect=dialect)
+        names = compiled.positiontup or []
+        processors = {
+            c: table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns
+        }
+        return cls(compiled.string, [(name, processors[name]) for name in names])
+
+    def bind(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        binds = self.binds
+        return [
+            tuple(row[name] if process is None else process(row[name]) for name, process in binds)
+            for row in rows
+        ]
 
 
 def _load_alembic() -> None:

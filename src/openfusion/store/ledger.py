@@ -411,7 +411,7 @@ class SpendLedger:
                 )
             )
         if values:
-            await conn.execute(insert(spend), values)
+            await self.db.insert_many(conn, spend, values)
 
     async def record_in(
         self, conn: AsyncConnection, runs: Sequence[tuple[str | None, str, Sequence[SpendRow]]]
@@ -426,7 +426,7 @@ class SpendLedger:
             for row in rows
         ]
         if values:
-            await conn.execute(insert(spend), values)
+            await self.db.insert_many(conn, spend, values)
 
     # -- internals -------------------------------------------------------------------------
 

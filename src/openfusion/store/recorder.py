@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from openfusion.engine.runlog import RunLog, Span, message_dict
@@ -430,7 +430,9 @@ class StoreRecorder:
     ) -> None:
         """Write a batch: a statement per kind of change and part (``SLICES``; compiled once,
         executed for many rows), then the spend of the runs that settle."""
-        settling = [t.log.run_id for t, snapshot in batch if snapshot.ledger is not None]
+        settling = [  # a run inserted in this batch was not taken for abandoned
+            t.log.run_id for t, snapshot in batch if snapshot.ledger is not None and t.inserted
+        ]
         recovered: set[str] = set()
         if settling:  # a run another process took for abandoned has been charged already
             found = await conn.scalars(
@@ -449,12 +451,12 @@ class StoreRecorder:
                 else:
                     changed_spans.append(_keyed(span, {"run_id": "row_id", "seq": "row_seq"}))
         for rows in _sliced(new_runs):
-            await conn.execute(insert(runs), rows)
+            await self.store.db.insert_many(conn, runs, rows)
         for group in _same_columns(changed_runs):  # with and without ``request``
             for rows in _sliced(group):
                 await conn.execute(_UPDATE_RUN, rows)
         for rows in _sliced(new_spans):
-            await conn.execute(insert(run_spans), rows)
+            await self.store.db.insert_many(conn, run_spans, rows)
         for rows in _sliced(changed_spans):
             await conn.execute(_UPDATE_SPAN, rows)
         unreserved: list[tuple[str | None, str, list[SpendRow]]] = []
