@@ -29,8 +29,8 @@ import dataclasses
 import random
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
 from openfusion.cost import PriceCatalog
@@ -144,18 +144,18 @@ class LoopLag:
         self._watching = 0
         self._ticking: asyncio.AbstractEventLoop | None = None
 
-    @contextmanager
-    def watching(self) -> Iterator[float]:
-        """Sample while the block runs; yields the loop's time at its start."""
+    def watch(self) -> float:
+        """Sample from now until the matching ``unwatch``; returns the loop's time now. (Two
+        calls, not a context manager: this is on every upstream call's path.)"""
         loop = asyncio.get_running_loop()
         self._watching += 1
         if self._ticking is not loop:  # not yet, or a loop that has gone (tests run several)
             self._ticking = loop
             loop.call_later(self.interval, self._tick, loop, loop.time() + self.interval)
-        try:
-            yield loop.time()
-        finally:
-            self._watching -= 1
+        return loop.time()
+
+    def unwatch(self) -> None:
+        self._watching -= 1
 
     def worst_since(self, since: float) -> float:
         """The most a timer ran late since ``since`` (the loop's time), 0 if never."""
@@ -389,13 +389,15 @@ class Caller:
             billed.append(priced)
             return priced
 
+        started = self.lag.watch()
         try:
-            with self.lag.watching() as started:
-                try:
-                    yield provider, call, bill
-                except UpstreamTimeout as exc:
-                    exc.ours = self.lag.worst_since(started) >= OVERLOADED_LAG
-                    raise
+            try:
+                yield provider, call, bill
+            except UpstreamTimeout as exc:
+                exc.ours = self.lag.worst_since(started) >= OVERLOADED_LAG
+                raise
+            finally:
+                self.lag.unwatch()
         except ProviderError as exc:
             exc.message = self.redact(exc.message)
             exc.args = (exc.message,)

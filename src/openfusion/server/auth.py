@@ -12,6 +12,7 @@ The keys themselves live in the store (``openfusion.store.KeyStore``), managed w
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -187,8 +188,10 @@ async def _reject(scope: Scope, send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ::1 (no name is resolved)."""
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (no name is resolved). Cached: the
+    ``Host`` of every request of a server without API keys comes here."""
     host = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
     if host == "localhost":
         return True
