@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from openfusion.server.asgi import InFlightCap, Route, Routes
+from openfusion.server.sse import with_keepalive
 
 
 async def call(
@@ -112,3 +113,33 @@ async def test_past_the_in_flight_cap_a_request_gets_503_and_retry_after() -> No
     assert app.in_flight == 0
     assert (await call(app))[0] == 200  # room again
     assert (await call(InFlightCap(held, limit=0)))[0] == 200  # 0: no cap
+
+
+async def test_stream_items_ready_together_go_out_together() -> None:
+    """``with_keepalive`` hands over everything queued at once (one write for chunks that
+    arrived in one packet), never holds a lone item back, ticks while the source is quiet, and
+    delivers what came before a failure before raising it."""
+    release = asyncio.Event()
+
+    async def source() -> AsyncIterator[int]:
+        for n in (1, 2, 3):  # ready at once, as chunks parsed from one read
+            yield n
+        await release.wait()
+        yield 4
+        await asyncio.sleep(0.3)  # quiet: a keepalive tick
+        yield 5
+        raise RuntimeError("upstream gone")
+
+    seen: list[list[int] | None] = []
+    batches = with_keepalive(source(), 0.1)
+    try:
+        async for batch in batches:
+            seen.append(batch)
+            release.set()
+            assert len(seen) < 20, seen
+    except RuntimeError as exc:
+        assert str(exc) == "upstream gone"
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert seen[0] == [1, 2, 3] and seen[1] == [4]
+    assert seen[2:-1] and set(map(str, seen[2:-1])) == {"None"} and seen[-1] == [5]

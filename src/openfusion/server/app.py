@@ -300,15 +300,18 @@ class Server:
             yield renderer.head()
             keepalive = self.settings.server.keepalive_seconds
             # closed here, not when collected: closing it cancels the run's work
-            async with aclosing(with_keepalive(started.outputs, keepalive)) as items:
-                async for item in items:
-                    started.metered.see(item)
-                    if item is None:
+            async with aclosing(with_keepalive(started.outputs, keepalive)) as batches:
+                async for batch in batches:
+                    if batch is None:
                         yield KEEPALIVE
                         continue
-                    data = renderer.render(item)
-                    if data:
-                        yield data
+                    events = []
+                    for item in batch:
+                        started.metered.see(item)
+                        if data := renderer.render(item):
+                            events.append(data)
+                    if events:
+                        yield events[0] if len(events) == 1 else b"".join(events)
         except APIError as exc:
             started.metered.fail(exc)
             yield renderer.error(exc)
