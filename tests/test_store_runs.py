@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from openfusion.providers import ProviderRegistry
 from openfusion.providers.scripted import ScriptedProvider, Step
 from openfusion.store import Database, RunFilter, SpendRow, Store, to_nano
 from openfusion.store import recorder as recorder_module
+from openfusion.store.database import SQLITE_NICENESS
 from openfusion.store.recorder import SLICE, SLICES, LedgerEntry, StoreRecorder
 from openfusion.store.runs import Instance, utcnow
 from openfusion.store.schema import instances, run_spans, runs, spend
@@ -606,3 +608,17 @@ async def test_runs_list_filters_and_pages(store: Store) -> None:
     assert (await store.runs.page(RunFilter(q="50%_")))[0] == []
     with pytest.raises(ValueError, match="not a cursor"):
         await store.runs.page(RunFilter(cursor="garbage!"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+async def test_sqlite_runs_in_threads_nicer_than_the_event_loop(tmp_path: Path) -> None:
+    """The store's SQLite work yields the core to requests: aiosqlite's connection threads run
+    ``SQLITE_NICENESS`` nicer than the event loop's thread (whatever that one's nice value)."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'nice.db'}")
+    await db.init()
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        thread = raw.driver_connection._thread  # type: ignore[union-attr]
+        ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(ours + SQLITE_NICENESS, 19)
+    await db.aclose()

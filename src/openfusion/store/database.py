@@ -21,7 +21,12 @@ database runs in WAL mode (readers go on while one writer writes) with ``synchro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import sqlite3
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,6 +46,8 @@ __all__ = ["Database", "reason", "upgrade_to_head"]
 
 SQLITE_TIMEOUT = 30.0
 """Seconds a SQLite writer waits for the write lock before it fails ("database is locked")."""
+SQLITE_NICENESS = 10
+"""How much nicer the SQLite threads run than the event loop (see ``_NicedConnection``)."""
 MIGRATION_LOCK = 7306041
 """The PostgreSQL advisory lock that serialises migrations (and the ledger's first versions'
 ``CREATE TABLE``s, which used the same number)."""
@@ -81,7 +88,8 @@ class Database:
         try:
             json = {"json_serializer": to_json, "json_deserializer": orjson.loads}
             if self.sqlite:
-                engine = create_async_engine(url, connect_args={"timeout": SQLITE_TIMEOUT}, **json)
+                connect = {"timeout": SQLITE_TIMEOUT, "factory": _NicedConnection}
+                engine = create_async_engine(url, connect_args=connect, **json)
                 _begin_explicitly(engine)
             else:
                 engine = create_async_engine(url, pool_pre_ping=True, **json)
@@ -196,6 +204,22 @@ class Database:
         if not await conn.run_sync(has_version_table):
             return None
         return await conn.scalar(select(alembic_version.c.version_num))
+
+
+class _NicedConnection(sqlite3.Connection):
+    """A SQLite connection whose thread (aiosqlite runs one per connection, and makes the
+    connection in it) runs at a lower priority than the event loop's (Linux: ``nice`` is per
+    thread). The store's SQL then runs when the loop waits, instead of taking the core from
+    requests in flight (same-run A/B, gateway pinned to one core, concurrency 1: the added p99
+    3.3 -> 2.4 ms and 3.0 -> 2.5 ms in two runs; throughput unchanged)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if sys.platform == "linux":  # elsewhere the call would lower the whole process
+            thread = threading.get_native_id()
+            with contextlib.suppress(OSError):
+                niceness = os.getpriority(os.PRIO_PROCESS, thread) + SQLITE_NICENESS
+                os.setpriority(os.PRIO_PROCESS, thread, min(niceness, 19))
 
 
 class _Insert:
