@@ -257,12 +257,13 @@ class Server:
         error.headers["Retry-After"] = retry_after(wait)
         raise error
 
-    async def settled(self, run: MeteredRun) -> None:
+    def settled(self, run: MeteredRun) -> Awaitable[None] | None:
         """When a request's run has ended (before its answer does; the record is written
-        after): its metrics, its trace, its tokens against the key's per-minute limit."""
+        after): its metrics, its trace, and — the one part that waits, returned to be awaited
+        — its tokens against the key's per-minute limit."""
         self.metrics.in_flight.dec()
         if run.log is None:
-            return
+            return None
         end = run.log.end
         cost = end.usage.cost if end is not None and end.usage is not None else None
         log.info(
@@ -277,7 +278,8 @@ class Server:
         if self.telemetry is not None:
             self.telemetry.emit(run.log)
         if run.tpm and run.key_id is not None:
-            await self.shared.limiter.charge(run.key_id, run_tokens(run.log))
+            return self.shared.limiter.charge(run.key_id, run_tokens(run.log))
+        return None
 
     async def collect(self, request: Request, started: Started) -> Collected:
         """The whole run (cancelled if the client goes away), settled."""

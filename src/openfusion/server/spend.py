@@ -119,8 +119,10 @@ class Metering:
 
     With ``budgets`` (Redis: ``openfusion.cluster.HotBudgets``) reservations are checked there
     and released there after the database has the run's spend; without, in the database.
-    ``after`` is awaited once per request when its run has ended (metrics, traces, token
-    counts), whatever happened; its failure is logged."""
+    ``after`` is called once per request when its run has ended (metrics, traces, token
+    counts), whatever happened; what it returns, if anything, is awaited (shielded: a cancelled
+    request still counts); its failure is logged. Most requests have nothing to await: no
+    task, no turn of the event loop before the answer goes out."""
 
     def __init__(
         self,
@@ -129,7 +131,7 @@ class Metering:
         default_reservation: float,
         *,
         budgets: HotBudgets | None = None,
-        after: Callable[[MeteredRun], Awaitable[None]] | None = None,
+        after: Callable[[MeteredRun], Awaitable[None] | None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.recorder = recorder
@@ -179,7 +181,13 @@ class Metering:
         self._settling[run.generation_id] = pending
         pending.add_done_callback(lambda _: self._settling.pop(run.generation_id, None))
         if self.after is not None:
-            await asyncio.shield(self._after(run))
+            try:
+                waiting = self.after(run)
+            except Exception:
+                log.exception("after settling %s", run.generation_id)
+                return
+            if waiting is not None:  # only then a task and a turn of the loop
+                await asyncio.shield(self._after(run, waiting))
 
     async def written(self, generation_id: str | None = None) -> None:
         """Wait until this process's settlement of ``generation_id`` (``None``: of every run)
@@ -212,10 +220,9 @@ class Metering:
             if self.budgets is not None and reservation is not None:
                 await self.budgets.release(reservation, charged)
 
-    async def _after(self, run: MeteredRun) -> None:
-        assert self.after is not None
+    async def _after(self, run: MeteredRun, waiting: Awaitable[None]) -> None:
         try:
-            await self.after(run)
+            await waiting
         except Exception:
             log.exception("after settling %s", run.generation_id)
 
