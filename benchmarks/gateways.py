@@ -125,12 +125,17 @@ def serve_without_ledger(port: int) -> None:
     import uvicorn
 
     from openfusion.server.app import create_app
+    from openfusion.server.protocol import uvicorn_options
     from openfusion.settings import Settings
 
-    app = create_app(Settings.load(), store=NullStore(), recorder=NullRecorder(), tune_gc=True)  # type: ignore[arg-type]
-    uvicorn.run(
-        app, port=port, loop="uvloop", http="httptools", log_level="info", access_log=False
-    )  # as `openfusion serve` runs it
+    settings = Settings.load()
+    app = create_app(settings, store=NullStore(), recorder=NullRecorder(), tune_gc=True)  # type: ignore[arg-type]
+    limits = uvicorn_options(
+        settings.server.max_header_bytes, settings.server.header_timeout_seconds
+    )
+    uvicorn.run(  # as `openfusion serve` runs it, its request-head limits included
+        app, port=port, loop="uvloop", log_level="info", access_log=False, **limits
+    )
 
 
 def clean_env(**extra: str) -> dict[str, str]:
