@@ -312,8 +312,8 @@ class Server:
                         started.metered.see(item)
                         if data := renderer.render(item):
                             events.append(data)
-                    if events:
-                        yield events[0] if len(events) == 1 else b"".join(events)
+                    if events:  # one event: join returns it as is
+                        yield b"".join(events)
         except APIError as exc:
             started.metered.fail(exc)
             yield renderer.error(exc)
