@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -29,22 +30,22 @@ def masked(key: str) -> str:
     return f"{key[:8]}{'*' * 10}{key[-4:]}"
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (f"bad key {KEY}.", f"bad key {REDACTED}."),
-        (f"Incorrect API key provided: {masked(KEY)}", f"Incorrect API key provided: {REDACTED}"),
-        (f"key {KEY[:6]}...{KEY[-4:]} is invalid", f"key {REDACTED} is invalid"),
-        (f"key {KEY[:9]}xxxxxxxx{KEY[-3:]}", f"key {REDACTED}"),
-        (f"key {KEY[:5]}••••{KEY[-2:]}", f"key {REDACTED}"),
-        (f'{{"auth": "Bearer {KEY}"}}', f'{{"auth": "Bearer {REDACTED}"}}'),
-        ("Authorization: bearer abc123def456ghi", f"Authorization: bearer {REDACTED}"),
-        # every spelling the quick pre-checks must let through to the regexes
-        (f"key {KEY[:9]}XxXxX{KEY[-3:]}", f"key {REDACTED}"),
-        (f"key {KEY[:7]}…{KEY[-4:]}", f"key {REDACTED}"),
-        ("AUTHORIZATION: BEARER ABC123DEF456GHI", f"AUTHORIZATION: BEARER {REDACTED}"),
-    ],
-)
+REDACTION_CASES = [
+    (f"bad key {KEY}.", f"bad key {REDACTED}."),
+    (f"Incorrect API key provided: {masked(KEY)}", f"Incorrect API key provided: {REDACTED}"),
+    (f"key {KEY[:6]}...{KEY[-4:]} is invalid", f"key {REDACTED} is invalid"),
+    (f"key {KEY[:9]}xxxxxxxx{KEY[-3:]}", f"key {REDACTED}"),
+    (f"key {KEY[:5]}••••{KEY[-2:]}", f"key {REDACTED}"),
+    (f'{{"auth": "Bearer {KEY}"}}', f'{{"auth": "Bearer {REDACTED}"}}'),
+    ("Authorization: bearer abc123def456ghi", f"Authorization: bearer {REDACTED}"),
+    # every spelling the quick pre-checks must let through to the regexes
+    (f"key {KEY[:9]}XxXxX{KEY[-3:]}", f"key {REDACTED}"),
+    (f"key {KEY[:7]}…{KEY[-4:]}", f"key {REDACTED}"),
+    ("AUTHORIZATION: BEARER ABC123DEF456GHI", f"AUTHORIZATION: BEARER {REDACTED}"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), REDACTION_CASES)
 def test_secrets_and_their_masked_forms_are_redacted(text: str, expected: str) -> None:
     assert Redactor([KEY])(text) == expected
 
@@ -60,6 +61,27 @@ def test_secrets_and_their_masked_forms_are_redacted(text: str, expected: str) -
 )
 def test_other_text_is_left_alone(text: str) -> None:
     assert Redactor([KEY])(text) == text
+
+
+@pytest.mark.parametrize(("text", "expected"), REDACTION_CASES)
+def test_a_record_is_redacted_wherever_its_strings_are(text: str, expected: str) -> None:
+    """``value`` first tests the record serialised, and walks it only when that finds
+    something: each case, deep inside a record beside values JSON cannot hold as they are."""
+    record = {"id": 1, "at": datetime(2026, 12, 1), "big": 2**70, 7: ("ok", [{"x": text}])}
+    redacted = Redactor([KEY]).value(record)
+    assert redacted[7][1][0]["x"] == expected
+    assert Redactor([KEY]).value({"nested": [{"x": text}]}) == {"nested": [{"x": expected}]}
+
+
+def test_a_secret_that_json_escapes_is_still_found_in_a_record() -> None:
+    secret = 'pa"ss\\word-1234'
+    assert Redactor([secret]).value({"a": [f"it is {secret}"]}) == {"a": [f"it is {REDACTED}"]}
+
+
+def test_a_clean_record_is_returned_as_it_is() -> None:
+    record = {"answer": "Paris. The capital of France — “Paris”…", "n": [1, 2.5, None]}
+    assert Redactor().value(record) is record  # no secret: an ellipsis is no mask
+    assert Redactor([KEY]).value(record) == record  # with one, "…" could be: walked, same
 
 
 def test_secrets_come_from_the_settings(tmp_path: Any) -> None:

@@ -17,6 +17,8 @@ applied where upstream text enters (``engine.policy.Caller``) and where runs are
 
 Text without a secret, a mask run or the word ``Bearer`` passes through one substring test per
 secret and a few per mask run, no regex: every string of every run record goes through here.
+A whole record (``value``) is first serialised once and those tests run on the serialised text:
+most records hold none of it and are returned as they are, without a walk over their strings.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import orjson
 
 from openfusion.settings import Settings
 
@@ -42,6 +46,11 @@ _MASKED = re.compile(r"(?<![\w\-])([\w\-]*?)(\*{3,}|•{3,}|…+|\.{3,}|[xX]{3,}
 _PLAIN = frozenset({int, float, bool, type(None)})
 """Values with no text in them."""
 _BEARER = re.compile(r"(?i)\b(bearer)\s+(?=[^\s\"',;]*[\d*•…])[^\s\"',;]{8,}")
+_FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ*.", b"abcdefghijklmnopqrstuvwxyzxx")
+"""Serialised text folded for the quick tests: lower case, ``*`` and ``.`` as ``x``."""
+_BULLETS = "•••".encode()
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+"""What JSON writes escaped: a secret holding one of these is not found in serialised text."""
 
 
 class Redactor:
@@ -51,6 +60,8 @@ class Redactor:
         unique = {s for s in secrets if len(s) >= MIN_SECRET_CHARS}
         self.secrets: tuple[str, ...] = tuple(sorted(unique, key=len, reverse=True))
         """Longest first, so a key that contains another is replaced whole."""
+        self._encoded = tuple(secret.encode() for secret in self.secrets)
+        self._serialised_tests = not any(_JSON_ESCAPED.search(s) for s in self.secrets)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Redactor:
@@ -87,22 +98,47 @@ class Redactor:
         return text
 
     def value(self, value: Any) -> Any:
-        """``value`` with every string inside it (dicts, lists, tuples) redacted."""
+        """``value`` with every string inside it (dicts, lists, tuples) redacted: ``value``
+        itself when nothing in it needs redacting."""
+        if self._serialised_tests and self._clean(value):
+            return value
+        return self._walk(value)
+
+    def _clean(self, value: Any) -> bool:
+        """True when no string in ``value`` holds a secret, a mask run or ``bearer``: the
+        tests of ``__call__``, once, on ``value`` serialised (dict keys and numbers there only
+        add false alarms: then the walk decides). False when it cannot be serialised."""
+        try:
+            text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            return False
+        if any(secret in text for secret in self._encoded):
+            return False
+        folded = text.translate(_FOLD)  # one pass: "***", "..." and "XxX" all become "xxx"
+        if b"bearer" in folded:
+            return False
+        if not self.secrets:
+            return True
+        if b"xxx" in folded:
+            return False
+        return b"\xe2" not in text or not (b"\xe2\x80\xa6" in text or _BULLETS in text)
+
+    def _walk(self, value: Any) -> Any:
         kind = type(value)  # exact types first: an ABC check costs more than the rest here
         if kind is str:
             return self(value)
         if kind in _PLAIN:
             return value
         if kind is dict:  # numbers and None without a call: most of a run record's values
-            return {k: v if type(v) in _PLAIN else self.value(v) for k, v in value.items()}
+            return {k: v if type(v) in _PLAIN else self._walk(v) for k, v in value.items()}
         if kind is list or kind is tuple:
-            return [v if type(v) in _PLAIN else self.value(v) for v in value]
+            return [v if type(v) in _PLAIN else self._walk(v) for v in value]
         if isinstance(value, str):
             return self(value)
         if isinstance(value, Mapping):
-            return {k: self.value(v) for k, v in value.items()}
+            return {k: self._walk(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [self.value(v) for v in value]
+            return [self._walk(v) for v in value]
         return value
 
     def _masked(self, match: re.Match[str]) -> str:
