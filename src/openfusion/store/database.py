@@ -29,15 +29,27 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import MetaData, Table, bindparam, event, insert, inspect, select, text
+from sqlalchemy import (
+    DateTime,
+    MetaData,
+    Table,
+    bindparam,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateSchema
+from sqlalchemy.types import TypeEngine
 
 from openfusion.errors import ConfigError, StoreError
 from openfusion.store.schema import SCHEMA_REVISION, alembic_version
@@ -239,9 +251,7 @@ class _Insert:
         statement = insert(table).values({c: bindparam(c) for c in columns})
         compiled = statement.compile(dialect=dialect)
         names = compiled.positiontup or []
-        processors = {
-            c: table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns
-        }
+        processors = {c: _bind_processor(table.c[c].type, dialect) for c in columns}
         return cls(compiled.string, [(name, processors[name]) for name in names])
 
     def bind(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
@@ -250,6 +260,22 @@ class _Insert:
             tuple(row[name] if process is None else process(row[name]) for name, process in binds)
             for row in rows
         ]
+
+
+def _bind_processor(kind: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The column type's bind processor; for SQLite's ``DateTime``, a faster one that writes
+    the same text (``isoformat`` is a third of its cost: four datetimes in a run's rows)."""
+    process = kind.dialect_impl(dialect).bind_processor(dialect)
+    if process is None or dialect.name != "sqlite" or type(kind) is not DateTime:
+        return process
+    fallback = process
+
+    def datetime_text(value: Any) -> Any:
+        if type(value) is datetime and value.tzinfo is None:
+            return value.isoformat(" ", "microseconds")  # SQLAlchemy's storage format
+        return fallback(value)
+
+    return datetime_text
 
 
 def _load_alembic() -> None:
