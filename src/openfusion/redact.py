@@ -121,7 +121,9 @@ class Redactor:
             return True
         if b"xxx" in folded:
             return False
-        return b"\xe2" not in text or not (b"\xe2\x80\xa6" in text or _BULLETS in text)
+        if b"\xe2" not in text:  # "…" and "•" start with this byte; most text has none
+            return True
+        return not (b"\xe2\x80\xa6" in text or _BULLETS in text)
 
     def _walk(self, value: Any) -> Any:
         kind = type(value)  # exact types first: an ABC check costs more than the rest here
