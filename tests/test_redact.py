@@ -65,12 +65,13 @@ def test_other_text_is_left_alone(text: str) -> None:
 
 @pytest.mark.parametrize(("text", "expected"), REDACTION_CASES)
 def test_a_record_is_redacted_wherever_its_strings_are(text: str, expected: str) -> None:
-    """``value`` first tests the record serialised, and walks it only when that finds
-    something: each case, deep inside a record beside values JSON cannot hold as they are."""
-    record = {"id": 1, "at": datetime(2026, 12, 1), "big": 2**70, 7: ("ok", [{"x": text}])}
-    redacted = Redactor([KEY]).value(record)
-    assert redacted[7][1][0]["x"] == expected
-    assert Redactor([KEY]).value({"nested": [{"x": text}]}) == {"nested": [{"x": expected}]}
+    """``value`` tests a record serialised and walks it only when that finds something: each
+    case deep in a record orjson serialises (a time, an integer key), and in one it refuses
+    (an integer past 64 bits: walked at once)."""
+    serialisable = {"id": 1, "at": datetime(2026, 12, 1), 7: ("ok", [{"x": text}])}
+    assert Redactor([KEY]).value(serialisable)[7][1][0]["x"] == expected
+    refused = {"big": 2**70, "nested": [{"x": text}]}
+    assert Redactor([KEY]).value(refused) == {"big": 2**70, "nested": [{"x": expected}]}
 
 
 def test_a_secret_that_json_escapes_is_still_found_in_a_record() -> None:
