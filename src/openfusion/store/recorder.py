@@ -52,10 +52,11 @@ __all__ = ["LedgerEntry", "StoreRecorder"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FLUSH_INTERVAL = 0.05
+FLUSH_INTERVAL = 0.02
 """Seconds the writer gathers changes. Short, so a batch is small when the server is not busy
 (each one takes the loop's thread in parts; at 0.2 s the gateway's added p99 at concurrency 1
-was 2.8 ms, at 0.05 s 2.1); under load batches grow whatever the interval."""
+was 2.8 ms, at 0.05 s 2.1; at 0.02 s against 0.05 s, two same-run A/Bs: 0.78 against 1.26 ms and
+1.04 against 1.13, throughput unchanged); under load batches grow whatever the interval."""
 HEARTBEAT = 5.0
 LEASE = 60.0
 """Seconds without a heartbeat after which a process counts as dead (its runs unfinished)."""
