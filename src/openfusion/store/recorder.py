@@ -404,10 +404,8 @@ class StoreRecorder:
     def _snapshot(self, tracked: _Tracked) -> _Snapshot:
         """What to write of a run, taken now (the run may change while it is written)."""
         run = tracked.log
-        row = _run_row(run, self.instance.id)
         request_key = _request_key(run)
-        if tracked.request_written == request_key:
-            row.pop("request")
+        row = _run_row(run, self.instance.id, request=tracked.request_written != request_key)
         row = self._scrub(row)
         spans = [
             (span.seq not in tracked.span_versions, self._scrub(_span_row(run.run_id, span)))
@@ -523,7 +521,9 @@ def _request_key(run: RunLog) -> tuple[Any, ...]:
     return (run.preset, len(run.members), len(run.options))
 
 
-def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
+def _run_row(run: RunLog, instance_id: str, *, request: bool = True) -> dict[str, Any]:
+    """The run's row; without ``request`` when that column is written already (unchanged: a
+    long conversation is not rebuilt at every batch of a run written several times)."""
     start = run.start
     result = run.result
     end = run.end
@@ -539,7 +539,7 @@ def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
             "annotations": list(result.annotations),
             "unverified_citations": list(result.unverified_citations),
         }
-    return {
+    row = {
         "id": run.run_id,
         "kind": run.kind,
         "status": run.status,
@@ -551,11 +551,6 @@ def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
         "preset": run.preset,
         "judge": run.judge,
         "question": run.question(),
-        "request": {
-            "messages": [message_dict(m) for m in start.messages],
-            "options": dict(run.options),
-            "members": list(run.members),
-        },
         "answer": run.answer,
         "analysis": run.analysis,
         "citations": citations,
@@ -569,6 +564,13 @@ def _run_row(run: RunLog, instance_id: str) -> dict[str, Any]:
         "finished_at": run.finished_at,
         "latency_ms": run.latency_ms,
     }
+    if request:
+        row["request"] = {
+            "messages": [message_dict(m) for m in start.messages],
+            "options": dict(run.options),
+            "members": list(run.members),
+        }
+    return row
 
 
 def _span_row(run_id: str, span: Span) -> dict[str, Any]:
